@@ -1,0 +1,235 @@
+"""Encoder stage: reduce tokens between attention and MLP inside every block of a ViT-like encoder.
+
+How it attaches (all undone exactly by `EncoderAttachment.remove`):
+
+* Each block gets an instance-level ``forward`` (the class is untouched). This is the one
+  monkey-patch: the reduction sits *inside* the block, after the attention residual and
+  before the MLP (where ToMe merges), and no hook reaches that point.
+* The attention modules of those blocks run through the ``"tokenreduce"`` entry of
+  transformers' attention-function registry. It adds the key bias (``log size`` for
+  proportional attention, a mask for padded tokens), computes only the signals the methods
+  asked for (keys, the [CLS] row, full probabilities) from Q and K, and then calls the
+  model's own implementation (SDPA by default) — the model is never switched to eager.
+
+A family adapter (``adapters/vit.py`` …) says where the blocks are and how a block splits
+into its attention part and MLP part; this module does the rest, once for all families.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
+from ..core.method import EncoderInfo, EncoderMethod
+from ..core.stats import Stats, vit_attention_flops, vit_mlp_flops
+from ..core.tokens import TokenState
+
+IMPL = "tokenreduce"
+_SLOT = "_tokenreduce_layer"  # attribute set on attention modules while attached
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """Where a model family keeps its encoder blocks and how one block is split in two."""
+
+    name: str
+    block_classes: tuple[str, ...]
+    attention: Callable[[nn.Module], nn.Module]  # the module that calls the attention interface
+    attention_part: Callable[..., Tensor]  # (block, x, mask, **kwargs) -> x + attention residual
+    mlp_part: Callable[[nn.Module, Tensor], Tensor]  # (block, x) -> x + MLP residual
+    num_prefix: Callable[[object], int]  # protected leading tokens, from the config
+    mlp_size: Callable[[object], int]  # from the config
+
+
+def _attention_function(module, query, key, value, attention_mask, **kwargs):
+    layer = module.__dict__.get(_SLOT)
+    if layer is None:  # a module of a tower we did not attach to
+        return _original(module, getattr(module, "_tokenreduce_impl", "sdpa"))(module, query, key, value, attention_mask, **kwargs)
+    attachment, index = layer
+    return attachment.attend(index, module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(IMPL, _attention_function)
+
+
+def _original(module: nn.Module, impl: str | None) -> Callable:
+    if impl in (None, "eager"):
+        # the model file's own eager function, so results stay bit for bit those of the model
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+class EncoderAttachment:
+    """Encoder-stage methods attached to one encoder (a list of blocks)."""
+
+    def __init__(self, model: nn.Module, family: EncoderFamily, blocks: nn.ModuleList, config, methods: list[EncoderMethod],
+                 track_source: bool = False):
+        self.family, self.blocks, self.config, self.methods = family, list(blocks), config, methods
+        self.info = EncoderInfo(
+            family=family.name, num_layers=len(self.blocks), hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads, num_prefix=family.num_prefix(config), mlp_size=family.mlp_size(config),
+        )
+        for m in methods:
+            m.check(self.info)
+        self.track_source = track_source
+        self.prop_attn = any(m.prop_attn for m in methods)
+        self.stats = Stats()
+        self.tokens: TokenState | None = None
+        self.signals: dict = {}
+        self._undo: list[Callable[[], None]] = []
+        self._ran = False
+        self._attach()
+
+    # ------------------------------------------------------------------ attach / remove
+    def _attach(self):
+        attns = [self.family.attention(b) for b in self.blocks]
+        for a in attns:
+            if _SLOT in a.__dict__:
+                raise StageError("this encoder already has tokenreduce methods attached; pass all methods to one apply()")
+        original = {}  # config id -> its implementation before we switched it (blocks share configs)
+        try:
+            for i, (block, attn) in enumerate(zip(self.blocks, attns)):
+                self._set_instance_attr(block, "forward", self._block_forward(i, block))
+                self._set_instance_attr(attn, _SLOT, (self, i))
+                cfg = attn.config
+                if id(cfg) not in original:
+                    original[id(cfg)] = impl = cfg._attn_implementation_internal
+                    cfg._attn_implementation_internal = IMPL  # direct: the setter would recurse into sub-configs
+                    self._undo.append(lambda c=cfg, v=impl: setattr(c, "_attn_implementation_internal", v))
+                self._set_instance_attr(attn, "_tokenreduce_impl", original[id(cfg)])
+        except Exception:
+            self.remove()
+            raise
+
+    def _set_instance_attr(self, obj, name, value):
+        had = name in obj.__dict__
+        old = obj.__dict__.get(name)
+        obj.__dict__[name] = value
+
+        def undo():
+            if had:
+                obj.__dict__[name] = old
+            else:
+                obj.__dict__.pop(name, None)
+
+        self._undo.append(undo)
+
+    def remove(self):
+        while self._undo:
+            self._undo.pop()()
+
+    # ------------------------------------------------------------------ the forward
+    def _block_forward(self, index: int, block: nn.Module):
+        def forward(hidden_states, attention_mask=None, *args, **kwargs):
+            return self.run_block(index, block, hidden_states, attention_mask, *args, **kwargs)
+
+        return forward
+
+    def begin(self, x: Tensor):
+        n = x.shape[1]
+        self.tokens = TokenState.start(x, self.info.num_prefix, self.track_source)
+        self.stats = Stats(batch_size=x.shape[0])
+        self._n0 = n
+        self._fired = {id(m): False for m in self.methods}
+        grid = _square_grid(n - self.info.num_prefix)
+        self._info_now = EncoderInfo(**{**self.info.__dict__, "patch_grid": grid})
+        for m in self.methods:
+            m.start(self._info_now, n)
+
+    def run_block(self, index: int, block: nn.Module, x: Tensor, attention_mask=None, *args, **kwargs):
+        if index == 0:
+            self.begin(x)
+        state = self.tokens
+        if attention_mask is not None and state.num_tokens != self._n0:
+            raise StageError("the encoder was given an attention mask over its input tokens; token reduction changes "
+                             "the token count, so per-token input masks are not supported at the encoder stage")
+        for m in self.methods:
+            if m.reduces_nothing:
+                self._fired[id(m)] = True
+        active = [m for m in self.methods if not m.reduces_nothing and m.wants_signals(index)]
+        self._needs = set().union(*(m.signals for m in active)) if active else set()
+        self.signals = {}
+        n_attn, n_attn_real = x.shape[1], float(state.counts().float().mean())
+        x = self.family.attention_part(block, x, attention_mask, *args, **kwargs)
+        for m in active:
+            red = m.reduce(index, x, state, self.signals)
+            self._fired[id(m)] = True
+            self.stats.scoring_flops += m.scoring_flops(index, x.shape[1], self._info_now)
+            if red is not None:
+                x = state.apply(red, x)
+        self.signals = {}
+        n_mlp = x.shape[1]
+        x = self.family.mlp_part(block, x)
+        self._record(n_attn, n_attn_real, n_mlp, float(state.counts().float().mean()))
+        if index == len(self.blocks) - 1:
+            self._finish()
+        return x
+
+    def attend(self, index, module, query, key, value, attention_mask, **kwargs):
+        state = self.tokens
+        bias = state.key_bias(self.prop_attn and not state.uniform_sizes(), query.dtype) if state is not None else None
+        if bias is not None:
+            attention_mask = bias if attention_mask is None else attention_mask + bias
+        if self._needs:
+            self._observe(query, key, attention_mask, kwargs.get("scaling"))
+        return _original(module, module.__dict__["_tokenreduce_impl"])(module, query, key, value, attention_mask, **kwargs)
+
+    def _observe(self, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None):
+        """Only the attention rows the methods asked for, from Q and K."""
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if "keys" in self._needs:
+            self.signals["keys"] = key
+        if "queries" in self._needs:
+            self.signals["queries"] = query
+        if "cls_attn" in self._needs:
+            logits = (query[:, :, :1] @ key.transpose(-1, -2)) * scale
+            if mask is not None:
+                logits = logits + (mask[..., :1, :] if mask.shape[-2] > 1 else mask)
+            self.signals["cls_attn"] = logits.softmax(-1)[:, :, 0]  # [B, H, N]
+        if "attn" in self._needs:
+            logits = (query @ key.transpose(-1, -2)) * scale
+            if mask is not None:
+                logits = logits + mask
+            self.signals["attn"] = logits.softmax(-1)  # [B, H, N, N]
+        if "scale" in self._needs:
+            self.signals["scale"] = scale
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _record(self, n_attn: int, n_attn_real: float, n_mlp: int, n_mlp_real: float):
+        c, f = self.info.hidden_size, self.info.mlp_size
+        s = self.stats
+        s.tokens_per_layer.append(n_attn_real)
+        s.mlp_tokens_per_layer.append(n_mlp_real)
+        s.flops += vit_attention_flops(n_attn, c) + vit_mlp_flops(n_mlp, c, f)
+        s.flops_full += vit_attention_flops(self._n0, c) + vit_mlp_flops(self._n0, c, f)
+
+    def _finish(self):
+        self.stats.flops += self.stats.scoring_flops
+        self._ran = True
+        silent = [m for m in self.methods if not self._fired[id(m)]]
+        if silent:
+            names = ", ".join(repr(m) for m in silent)
+            raise NeverFiredError(f"{names} never reduced in this forward of a {self.info.num_layers}-block "
+                                  f"{self.info.family} encoder: its layers are outside the model's blocks; "
+                                  "choose layers in range or a model with more blocks")
+
+    def check_ran(self):
+        """Called after the model's forward: the encoder must have run with our blocks."""
+        if not self._ran:
+            raise NeverFiredError(
+                f"the model ran but its {self.info.family} encoder blocks did not, so "
+                f"{', '.join(m.name for m in self.methods)} never fired; call the model (or the vision tower) "
+                "whose encoder the methods are attached to")
+        self._ran = False
+
+
+def _square_grid(num_patches: int) -> tuple[int, int] | None:
+    side = int(round(num_patches ** 0.5))
+    return (side, side) if side * side == num_patches else None

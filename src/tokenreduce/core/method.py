@@ -1,0 +1,104 @@
+"""The method contract. A method plans `Reduction`s; adapters and the core apply them.
+
+An encoder method is called once per block between attention and MLP (the place ToMe
+reduces) with the block's hidden states, the running `TokenState` and the attention
+signals it asked for, and returns a `Reduction` or None.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .budget import KeepRatio
+from .registry import MethodInfo
+from .tokens import TokenState
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What an encoder method may know about the model it is attached to."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_prefix: int  # protected leading tokens ([CLS], DeiT's distillation token); 0 for SigLIP
+    mlp_size: int
+    patch_grid: tuple[int, int] | None = None  # set per forward for the patch tokens (rows, cols)
+
+    @property
+    def has_cls(self) -> bool:
+        return self.num_prefix > 0
+
+
+class Method:
+    """Base of every method. Subclasses set the class metadata and implement their stage's hooks."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str]
+    paper: ClassVar[str]
+    arxiv: ClassVar[str | None] = None
+    training_free: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = False
+    signals: ClassVar[tuple[str, ...]] = ()  # attention signals: "keys", "cls_attn", "attn"
+
+    def __init__(self, keep_ratio: float | None = None):
+        self.budget = KeepRatio(keep_ratio) if keep_ratio is not None else None
+
+    @classmethod
+    def info(cls) -> MethodInfo:
+        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "keep_ratio")]
+        return MethodInfo(cls.name, cls.stage, cls.paper, cls.arxiv, cls.training_free, cls.needs_calibration,
+                          tuple(cls.signals), tuple(params))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+    def describe(self) -> str:
+        return f"keep_ratio={self.budget.ratio}" if self.budget else ""
+
+    @property
+    def reduces_nothing(self) -> bool:
+        """keep_ratio=1.0: by contract the method fires and reduces nothing, whatever its native schedule."""
+        return self.budget is not None and self.budget.ratio == 1.0
+
+
+class EncoderMethod(Method):
+    stage: ClassVar[str] = "encoder"
+    prop_attn: bool = False  # add log(token size) to attention logits in every block
+    needs_cls: ClassVar[bool] = False
+
+    def check(self, info: EncoderInfo) -> None:
+        """Raise `StageError` if this method cannot serve the model described by ``info``."""
+        from .errors import StageError
+
+        if self.needs_cls and not info.has_cls:
+            raise StageError(f"{self.name} scores tokens by [CLS] attention, but {info.family} has no [CLS] "
+                             "token; use a method that does not need one (tome, dymu, random, pool)")
+
+    def start(self, info: EncoderInfo, num_tokens: int) -> None:
+        """Called at the start of every forward with the number of input tokens."""
+
+    def wants_signals(self, layer: int) -> bool:
+        """Whether this method will reduce at ``layer`` (attention signals are computed only then)."""
+        return True
+
+    def reduce(self, layer: int, x: Tensor, tokens: TokenState, signals: dict) -> "Reduction | None":  # noqa: F821
+        raise NotImplementedError
+
+    def scoring_flops(self, layer: int, num_tokens: int, info: EncoderInfo) -> float:
+        """Analytic FLOPs of this method's scoring at one block (batch of one)."""
+        return 0.0
+
+
+def generator_for(seed: int | None, device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
