@@ -29,9 +29,11 @@ from ..core.registry import register
 from ..core.tokens import TokenState
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, int]:
-    """ToMe's matching as destinations: (dest [B, N], num_out). ``metric`` is [B, N, C]."""
-    b, n, _ = metric.shape
+def bipartite_scores(metric: Tensor, num_prefix: int, valid: Tensor | None = None) -> Tensor:
+    """Cosine similarity of every A token (even index) to every B token (odd) [B, Na, Nb].
+
+    Edges from or to a protected token, or (``valid`` [B, N] given) a padded one, are -inf.
+    """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, bb = metric[:, ::2], metric[:, 1::2]
     na, nb = a.shape[1], bb.shape[1]
@@ -40,6 +42,16 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[Te
     b_tok = torch.arange(nb, device=metric.device) * 2 + 1
     scores[:, a_tok < num_prefix, :] = -math.inf
     scores[:, :, b_tok < num_prefix] = -math.inf
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
+    return scores
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, int]:
+    """ToMe's matching as destinations: (dest [B, N], num_out). ``metric`` is [B, N, C]."""
+    b, n, _ = metric.shape
+    scores = bipartite_scores(metric, num_prefix)
+    na, nb = scores.shape[1], scores.shape[2]
 
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
@@ -113,8 +125,13 @@ class ToMe(EncoderMethod):
         return Reduction.merge(dest, num_out, tokens.sizes)
 
     def scoring_flops(self, layer: int, num_tokens: int, info: EncoderInfo) -> float:
-        d = info.hidden_size // info.num_heads
-        return 2.0 * (num_tokens / 2) ** 2 * d + 3.0 * num_tokens * d  # A @ B^T, normalisation
+        return matching_flops(num_tokens, info)
+
+
+def matching_flops(num_tokens: int, info: EncoderInfo) -> float:
+    """FLOPs of one bipartite matching over head-averaged keys (batch of one)."""
+    d = info.hidden_size // info.num_heads
+    return 2.0 * (num_tokens / 2) ** 2 * d + 3.0 * num_tokens * d  # A @ B^T, normalisation
 
 
 def raise_budget(method: str, native: str, native_value, keep_ratio):

