@@ -1,0 +1,181 @@
+"""Tasks that score a vision encoder's image features: kNN, a linear probe, and fidelity.
+
+The classifiers are fitted ONCE, on features of the unreduced model, and then only applied
+to the reduced model's test features. So a row's accuracy answers "how well do the reduced
+features still work with what was learnt from the full model?" — the drop-in question —
+and nothing is re-trained per method.
+
+* kNN — cosine similarity, k = 20, votes weighted by ``exp(sim / 0.07)`` as in DINO's
+  kNN evaluation (Caron et al. 2021, arXiv 2104.14294) — similarity-weighted, not majority.
+* Linear probe — multinomial logistic regression on L2-normalised features, weights and
+  bias, L2 penalty ``weight_decay * |W|^2``, fitted full-batch with L-BFGS in float64 from
+  a zero start (the objective is strictly convex, so the fit is deterministic and unique).
+* Fidelity — mean cosine similarity between reduced and full features of the same images.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["PixelSource", "LazyPixels", "balanced_subset", "extract_features", "KNNClassifier", "LinearProbe",
+           "fidelity", "accuracy"]
+
+
+class PixelSource(Protocol):
+    """Anything with ``len()`` and slicing to a float ``[b, 3, H, W]`` tensor (a Tensor qualifies)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> Tensor: ...
+
+
+class LazyPixels:
+    """Raw images converted to pixels per slice, so 1000 images at 224 px need not sit in memory (600 MB)."""
+
+    def __init__(self, images, transform: Callable[[object], Tensor]):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: slice) -> Tensor:
+        if not isinstance(index, slice):
+            raise TypeError("LazyPixels supports slices only")
+        return self.transform(self.images[index])
+
+
+def balanced_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
+    """Indices of ``n`` samples, as equal per class as possible, chosen by a seeded permutation.
+
+    Classes get ``n // C`` each and the first ``n % C`` classes (in label order) one more;
+    a class with too few samples gives all it has and the rest is filled from the others.
+    The result is sorted, so it does not depend on the class order.
+    """
+    labels = torch.as_tensor(labels)
+    if not 0 < n <= labels.numel():
+        raise ValueError(f"cannot draw {n} samples from {labels.numel()}")
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique(sorted=True)
+    pools = [torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)]
+             for c in classes]
+    quota = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+    take = [min(q, len(p)) for q, p in zip(quota, pools)]
+    short = n - sum(take)
+    while short > 0:  # fill from classes that still have samples, round robin
+        for i, p in enumerate(pools):
+            if short and take[i] < len(p):
+                take[i] += 1
+                short -= 1
+    return torch.cat([p[:t] for p, t in zip(pools, take)]).sort().values
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, pixels: PixelSource, batch_size: int = 32, device="cpu",
+                     on_batch: Callable[[int], None] | None = None, after_forward: Callable[[], None] | None = None,
+                     feature: str = "pooler_output") -> Tensor:
+    """Image features ``[N, C]`` (float32, on CPU) of ``model`` over ``pixels`` in batches.
+
+    ``feature`` is the output field: ``pooler_output`` is the layer-normed [CLS] token of
+    DINOv2/ViT models. ``after_forward()`` runs after every batch (e.g. to collect stats);
+    ``on_batch(n)`` gets the batch size (e.g. a progress bar's update).
+    """
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        x = pixels[start:start + batch_size].to(device)
+        y = model(pixel_values=x)
+        out.append(getattr(y, feature).float().cpu())
+        if after_forward is not None:
+            after_forward()
+        if on_batch is not None:
+            on_batch(x.shape[0])
+    if not out:
+        raise ValueError("extract_features got no images")
+    return torch.cat(out)
+
+
+def accuracy(pred: Tensor, labels: Tensor) -> float:
+    return float((pred.cpu() == labels.cpu()).float().mean())
+
+
+class KNNClassifier:
+    """Weighted kNN on cosine similarity (DINO's evaluation protocol; see the module docstring)."""
+
+    def __init__(self, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k, self.temperature, self.chunk = k, temperature, chunk
+        self.bank: Tensor | None = None
+
+    def fit(self, features: Tensor, labels: Tensor) -> "KNNClassifier":
+        self.bank = F.normalize(features.double(), dim=-1)
+        self.labels = torch.as_tensor(labels).long()
+        self.num_classes = int(self.labels.max()) + 1
+        return self
+
+    def predict(self, features: Tensor) -> Tensor:
+        if self.bank is None:
+            raise RuntimeError("KNNClassifier.predict before fit")
+        q = F.normalize(features.double(), dim=-1)
+        k = min(self.k, self.bank.shape[0])
+        preds = []
+        for start in range(0, q.shape[0], self.chunk):
+            sim, idx = (q[start:start + self.chunk] @ self.bank.T).topk(k, dim=-1)
+            votes = torch.zeros(sim.shape[0], self.num_classes, dtype=sim.dtype)
+            votes.scatter_add_(1, self.labels[idx], (sim / self.temperature).exp())
+            preds.append(votes.argmax(-1))
+        return torch.cat(preds)
+
+    def score(self, features: Tensor, labels: Tensor) -> float:
+        return accuracy(self.predict(features), labels)
+
+
+class LinearProbe:
+    """Multinomial logistic regression on L2-normalised features, fitted once by L-BFGS."""
+
+    def __init__(self, weight_decay: float = 1e-4, max_iter: int = 500, seed: int = 0):
+        self.weight_decay, self.max_iter, self.seed = weight_decay, max_iter, seed
+        self.weight: Tensor | None = None
+
+    def fit(self, features: Tensor, labels: Tensor) -> "LinearProbe":
+        x = F.normalize(features.double(), dim=-1)
+        y = torch.as_tensor(labels).long()
+        c = int(y.max()) + 1
+        torch.manual_seed(self.seed)  # the zero start makes the fit deterministic; the seed is for the record
+        w = torch.zeros(x.shape[1], c, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-9,
+                                tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w + b, y) + self.weight_decay * (w * w).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+            self.train_loss = float(closure())
+        self.weight, self.bias = w.detach(), b.detach()
+        return self
+
+    def logits(self, features: Tensor) -> Tensor:
+        if self.weight is None:
+            raise RuntimeError("LinearProbe.predict before fit")
+        return F.normalize(features.double(), dim=-1) @ self.weight + self.bias
+
+    def predict(self, features: Tensor) -> Tensor:
+        return self.logits(features).argmax(-1)
+
+    def score(self, features: Tensor, labels: Tensor) -> float:
+        return accuracy(self.predict(features), labels)
+
+
+def fidelity(features: Tensor, reference: Tensor) -> float:
+    """Mean cosine similarity between matching rows of ``features`` and ``reference``."""
+    if features.shape != reference.shape:
+        raise ValueError(f"fidelity: shapes differ {tuple(features.shape)} vs {tuple(reference.shape)}")
+    return float(F.cosine_similarity(features.double(), reference.double(), dim=-1).mean())
