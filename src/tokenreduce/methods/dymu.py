@@ -16,10 +16,11 @@ inference, per-image clamp ``(n - protected) // 2``), proportional attention in 
 block, padding with zero-size masked tokens for batches, DyMU's ``r_total`` schedules
 (``_get_rs``: ``constant`` and ``(reverse_)linear``). Differences from the reference code:
 
-* Scores, thresholds and calibration are fp32 (thresholds kept as Python floats), where
-  ``threshold_finder`` runs the model in bf16 and stores bf16 thresholds: bf16 has a step
-  of 1/256 near 1, the range where thresholds live, so rounding them shifts how many edges
-  pass; we calibrate in the dtype the model runs in and never round the thresholds.
+* Precision: ``threshold_finder`` runs the model in bf16 and stores bf16 thresholds. bf16
+  has a step of 1/256 near 1, exactly where the thresholds live (0.87-0.999 on DINOv2-S),
+  so a rounded threshold shifts how many edges pass. We calibrate with the model in the
+  dtype it runs inference in (fp32 here), score edges in fp32 whatever the model dtype, and
+  keep thresholds as unrounded Python floats.
 * The model is not switched to train mode for calibration (the reference uses train mode
   only as a "calibrate now" switch; it would also turn on dropout / drop-path); a plain
   mean over batches replaces the reference's running mean (the same value, without its
@@ -28,13 +29,15 @@ block, padding with zero-size masked tokens for batches, DyMU's ``r_total`` sche
   tokens each in token order, then padding; a sample with no merge in a block keeps its
   order. The reference orders unmerged A by score at batch size 1 without [CLS] (SigLIP),
   and reorders non-merging samples inside a merging batch, so a sample's result depends on
-  its batch there; here batched == per-image. Merged tokens are exact size-weighted means
-  (the reference's batch path divides by ``size + 1e-4``).
+  its batch there; here batched == per-image (up to float rounding: an edge scoring within
+  ~1e-7 of a threshold may flip with the batch shape). Merged tokens are exact
+  size-weighted means (the reference's batch path divides by ``size + 1e-4``).
 * A block with threshold >= 1 (including blocks whose calibration ``r_l`` was 0, the
   reference's "never merge" 1.0) does not merge: cosine similarity cannot exceed 1.
 * ``linear`` schedules whose reference loop never ends (small ``r_total``) stop after
   ``L - 1`` entries and put the remainder last. ``max_r_per_instance_ratio`` is not offered.
-* ``keep_ratio`` picks the ``r_total`` whose calibration schedule meets the common encoder
+* Budgets: DyMU's ``r_total`` (+ ``r_schedule``), ToMe's per-block ``r``, or ``keep_ratio``,
+  which picks the ``r_total`` whose calibration schedule meets the common encoder
   budget (`core.budget`); at inference the ratio is met on average over the calibration
   distribution, not per image — that is the point of the method.
 """
@@ -113,7 +116,8 @@ def threshold_merges(node_max: Tensor, threshold: float, cap: Tensor) -> Tensor:
     """Inference: which A rows merge [B, Na] bool — every edge scoring ``> threshold``, but at
     most ``cap[b]`` per sample (the best ones)."""
     order = node_max.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
     r = torch.minimum((node_max > threshold).sum(1), cap)
     return rank < r[:, None]
 
@@ -213,9 +217,9 @@ class DToMe(EncoderMethod):
         self._taus: list[list[float]] | None = None
         self._num = 0
         self._calibrating = True
-        images = 0
+        images, seen = 0, []
         try:
-            with torch.no_grad(), apply(model, self):
+            with torch.no_grad(), apply(model, self) as handle:
                 for batch in batches:
                     if isinstance(batch, dict):
                         model(**batch)
@@ -226,13 +230,15 @@ class DToMe(EncoderMethod):
                         model(pixel_values=batch)
                         images += batch.shape[0]
                     self._num += 1
+                    seen.append(handle.stats.mlp_tokens_per_layer)
         finally:
             self._calibrating = False
         if self._num == 0:
             raise CalibrationError("dymu.calibrate got no batches; pass an iterable of pixel_values tensors [B, 3, H, W]")
         self.thresholds = [sum(t) / len(t) if t else NEVER for t in self._taus]
         self.calibration = {"schedule": list(self.schedule.removed), "num_tokens": self._n0,
-                            "num_batches": self._num, "num_images": images}
+                            "num_batches": self._num, "num_images": images,
+                            "mlp_tokens_per_layer": [sum(c) / len(c) for c in zip(*seen)]}
         return self
 
     def state_dict(self) -> dict:
@@ -242,9 +248,12 @@ class DToMe(EncoderMethod):
         return {"method": self.name, "thresholds": list(self.thresholds), **self.calibration}
 
     def load_state_dict(self, state: dict) -> "DToMe":
+        """Use thresholds saved by `state_dict` (no calibration run needed). Returns ``self``."""
         th = state.get("thresholds")
-        if not isinstance(th, (list, tuple)) or not th or not all(isinstance(t, (int, float)) and not math.isnan(t) for t in th):
-            raise CalibrationError(f"a dymu state needs 'thresholds': a non-empty list of numbers, one per block; got {th!r}")
+        numbers = isinstance(th, (list, tuple)) and all(isinstance(t, (int, float)) and not math.isnan(t) for t in th)
+        if not numbers or not th:
+            raise CalibrationError("a dymu state needs 'thresholds': a non-empty list of numbers, one per block; "
+                                   f"got {th!r}")
         self.thresholds = [float(t) for t in th]
         self.calibration = {k: v for k, v in state.items() if k not in ("method", "thresholds")}
         return self
