@@ -19,14 +19,17 @@ Differences from the reference: no reference code exists (the official repositor
 AuroraZengfh/TokenTransforming holds only a README), and the method section could not be
 retrieved, so the following choices are ours:
 
-* targets: ``criterion="cls_attn"`` keeps the tokens the [CLS] row attends to most
-  (head-averaged, EViT's signal); ``"similarity"`` splits the patch tokens alternately (ToMe's
-  bipartite split) and turns the ``r`` A-tokens most similar to a B-token into sources;
-  ``"auto"`` (default) is ``cls_attn`` when the encoder has a [CLS] token, else ``similarity``;
+* targets: ``criterion="similarity"`` (default) splits the patch tokens alternately (ToMe's
+  bipartite split) and turns the ``r`` A-tokens most similar to some B-token into sources;
+  ``"cls_attn"`` keeps the tokens the [CLS] row attends to most (head-averaged, EViT's signal);
 * similarity: cosine of the keys averaged over heads (ToMe's metric);
 * assignment: top-``k`` targets per source, softmax(sim / temperature) over them
   (``temperature=0``: one-hot argmax); targets keep only themselves unless
   ``spread_targets=True``; row i of T is size_j x P[j, i], normalised to sum 1;
+* defaults ``criterion="similarity", k=2, temperature=0.02``, picked on DINOv2-S at
+  keep_ratio 0.5 by [CLS] cosine to the full model on 7 bundled photos: similarity 0.989 vs
+  cls_attn 0.947-0.980; k=2/T=0.02 0.989, k=1 0.989, k=4/T=0.1 0.982, k=8/T=0.2 0.969
+  (wider spreading blurred more); spreading targets too 0.949;
 * sizes: the core's dense rule (each source shares its size in proportion to its column of
   T, so the total is conserved); proportional attention on;
 * budget: ToMe's constant ``r`` per block with ToMe's clamp (at most half the patch tokens
@@ -49,7 +52,7 @@ from ..core.registry import register
 from ..core.tokens import TokenState
 from .tome import raise_budget, tome_counts
 
-CRITERIA = ("auto", "cls_attn", "similarity")
+CRITERIA = ("similarity", "cls_attn")
 
 
 def choose_targets(metric: Tensor, r: int, num_prefix: int, criterion: str, cls_scores: Tensor | None = None,
@@ -64,7 +67,7 @@ def choose_targets(metric: Tensor, r: int, num_prefix: int, criterion: str, cls_
     rest = n - p
     is_target = torch.ones(b, rest, dtype=torch.bool, device=metric.device)
     if criterion == "cls_attn":
-        score = cls_scores.float()
+        score = cls_scores.to(torch.promote_types(cls_scores.dtype, torch.float32))
         if valid is not None:
             score = score.masked_fill(~valid[:, p:], -torch.inf)
         drop = score.topk(r, dim=1, largest=False).indices
@@ -94,8 +97,9 @@ def transform_matrix(metric: Tensor, sizes: Tensor, num_prefix: int, targets: Te
     b, n, _ = metric.shape
     p, mt = num_prefix, targets.shape[1]
     m = p + mt
+    metric = metric.to(torch.promote_types(metric.dtype, torch.float32))  # plan in >= fp32 under half models
     tgt_metric = metric[:, p:].gather(1, targets[..., None].expand(-1, -1, metric.shape[-1]))
-    sim = metric[:, p:].float() @ tgt_metric.float().transpose(-1, -2)  # [B, N - p, Mt]
+    sim = metric[:, p:] @ tgt_metric.transpose(-1, -2)  # [B, N - p, Mt]
     if valid is not None:
         sim = sim.masked_fill(~valid[:, p:].gather(1, targets)[:, None, :], -torch.inf)
     kk = mt if k is None else min(k, mt)
@@ -126,16 +130,19 @@ def transform_matrix(metric: Tensor, sizes: Tensor, num_prefix: int, targets: Te
 @register
 class TokenTransforming(EncoderMethod):
     name = "token_transforming"
-    paper = "Token Transforming: A Unified and Training-Free Token Compression Framework for Vision Transformer Acceleration"
+    paper = ("Token Transforming: A Unified and Training-Free Token Compression Framework for Vision "
+             "Transformer Acceleration")
     arxiv = "2506.05709"
     signals = ("keys", "cls_attn")
 
-    def __init__(self, r: int | list | tuple | None = None, keep_ratio: float | None = None, k: int | None = 4,
-                 temperature: float = 0.1, criterion: str = "auto", spread_targets: bool = False, prop_attn: bool = True):
+    def __init__(self, r: int | list | tuple | None = None, keep_ratio: float | None = None, k: int | None = 2,
+                 temperature: float = 0.02, criterion: str = "similarity", spread_targets: bool = False,
+                 prop_attn: bool = True):
         if (r is None) == (keep_ratio is None):
             raise_budget("token_transforming", "r", r, keep_ratio)
         if k is not None and (not isinstance(k, int) or k < 1):
-            raise BudgetError(f"token_transforming: k (targets per source) must be an integer >= 1 or None (all); got {k!r}")
+            raise BudgetError("token_transforming: k (targets per source) must be an integer >= 1 or None (all "
+                              f"targets); got {k!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise BudgetError(f"token_transforming: temperature must be >= 0 (0 = hard argmax); got {temperature!r}")
         if criterion not in CRITERIA:
@@ -144,33 +151,28 @@ class TokenTransforming(EncoderMethod):
         self.r, self.k, self.temperature = r, k, float(temperature)
         self.criterion, self.spread_targets, self.prop_attn = criterion, spread_targets, prop_attn
         self.schedule: Schedule | None = None
-        self._criterion = "cls_attn" if criterion == "cls_attn" else "similarity"
-        self.signals = ("keys", "cls_attn") if self._criterion == "cls_attn" else ("keys",)
+        self.signals = ("keys", "cls_attn") if criterion == "cls_attn" else ("keys",)
 
     def describe(self) -> str:
         budget = f"r={self.r}" if self.r is not None else super().describe()
         return f"{budget}, k={self.k}, temperature={self.temperature}, criterion={self.criterion}"
 
     def check(self, info: EncoderInfo) -> None:
-        if self.criterion == "auto":
-            self._criterion = "cls_attn" if info.has_cls else "similarity"
-            self.signals = ("keys", "cls_attn") if self._criterion == "cls_attn" else ("keys",)
-        elif self.criterion == "cls_attn" and not info.has_cls:
+        if self.criterion == "cls_attn" and not info.has_cls:
             raise StageError(f"token_transforming with criterion='cls_attn' picks targets by [CLS] attention, but "
-                             f"{info.family} has no [CLS] token; use criterion='similarity' (or 'auto')")
+                             f"{info.family} has no [CLS] token; use criterion='similarity' (the default)")
 
     def start(self, info: EncoderInfo, num_tokens: int) -> None:
         if self.r is not None:
             self.schedule = tome_schedule(info.num_layers, self.r)
             return
-        ratio = lambda r: mean_kept(tome_counts(num_tokens, info.num_prefix, tome_schedule(info.num_layers, r)), num_tokens)
+        def ratio(r):
+            return mean_kept(tome_counts(num_tokens, info.num_prefix, tome_schedule(info.num_layers, r)), num_tokens)
+
         self.schedule = tome_schedule(info.num_layers, solve_integer(ratio, self.budget.ratio, 0, num_tokens // 2))
 
     def _removed(self, layer: int, n: int, num_prefix: int) -> int:
         return min(self.schedule.removed[layer], (n - num_prefix) // 2)
-
-    def wants_signals(self, layer: int) -> bool:
-        return self.schedule is None or self.schedule.removed[layer] > 0
 
     def reduce(self, layer: int, x: Tensor, tokens: TokenState, signals: dict) -> Reduction | None:
         n, p = x.shape[1], tokens.num_prefix
@@ -180,8 +182,8 @@ class TokenTransforming(EncoderMethod):
         with torch.no_grad():
             metric = signals["keys"].mean(1)
             metric = metric / metric.norm(dim=-1, keepdim=True)
-            cls = signals["cls_attn"].mean(1)[:, p:] if self._criterion == "cls_attn" else None
-            targets = choose_targets(metric, r, p, self._criterion, cls, tokens.valid)
+            cls = signals["cls_attn"].mean(1)[:, p:] if self.criterion == "cls_attn" else None
+            targets = choose_targets(metric, r, p, self.criterion, cls, tokens.valid)
             t = transform_matrix(metric, tokens.sizes, p, targets, self.k, self.temperature, tokens.valid,
                                  self.spread_targets)
         return Reduction.dense(t)
@@ -194,7 +196,7 @@ class TokenTransforming(EncoderMethod):
             return 0.0
         d, m = c // info.num_heads, n - r
         flops = n * c + 3.0 * n * d  # mean over heads, L2 normalisation
-        if self._criterion == "cls_attn":
+        if self.criterion == "cls_attn":
             flops += 2.0 * n * c  # the [CLS] row of Q K^T
         else:
             flops += 2.0 * ((n - p) / 2) ** 2 * d  # A @ B^T of the split
