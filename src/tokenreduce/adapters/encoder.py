@@ -10,6 +10,13 @@ How it attaches (all undone exactly by `EncoderAttachment.remove`):
   proportional attention, a mask for padded tokens), computes only the signals the methods
   asked for (keys, the [CLS] row, full probabilities) from Q and K, and then calls the
   model's own implementation (SDPA by default) — the model is never switched to eager.
+* Methods may also reduce a block's *input*, before its attention
+  (`EncoderMethod.reduce_before_attention`, MCTF's one-step-ahead fusion). They get a
+  ``probe()`` that runs the block's own attention module on the current tokens only as far
+  as the attention function: there the requested signals are computed from Q and K and a
+  private exception stops the module (nothing after Q/K/V is computed). A method may return
+  an attention override with its reduction: the block's attention then outputs
+  ``override @ V`` (V from the reduced tokens) instead of calling SDPA.
 
 A family adapter (``adapters/vit.py`` …) says where the blocks are and how a block splits
 into its attention part and MLP part; this module does the rest, once for all families.
@@ -33,6 +40,10 @@ from ..core.tokens import TokenState
 
 IMPL = "tokenreduce"
 _SLOT = "_tokenreduce_layer"  # attribute set on attention modules while attached
+
+
+class _Probed(Exception):
+    """Raised by the attention function in a probe, once the signals are taken: stops the module."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,8 @@ class EncoderAttachment:
         self.stats = Stats()
         self.tokens: TokenState | None = None
         self.signals: dict = {}
+        self._probing: set | None = None  # signal names while a probe runs
+        self._override: Tensor | None = None  # attention probabilities the current block must use
         self._undo: list[Callable[[], None]] = []
         self._ran = False
         self._attach()
@@ -147,17 +160,24 @@ class EncoderAttachment:
         if index == 0:
             self.begin(x)
         state = self.tokens
-        if attention_mask is not None and state.num_tokens != self._n0:
-            raise StageError("the encoder was given an attention mask over its input tokens; token reduction changes "
-                             "the token count, so per-token input masks are not supported at the encoder stage")
+        self._check_mask(attention_mask, state)
         for m in self.methods:
             if m.reduces_nothing:
                 self._fired[id(m)] = True
+        n_attn_real = float(state.counts().float().mean())
+        self._override = None
+        pre = [m for m in self.methods if not m.reduces_nothing and m.reduces_before_attention(index)]
+        if pre:
+            x = self._reduce_before_attention(index, block, x, attention_mask, pre, args, kwargs)
+            self._check_mask(attention_mask, state)
         active = [m for m in self.methods if not m.reduces_nothing and m.wants_signals(index)]
         self._needs = set().union(*(m.signals for m in active)) if active else set()
         self.signals = {}
-        n_attn, n_attn_real = x.shape[1], float(state.counts().float().mean())
-        x = self.family.attention_part(block, x, attention_mask, *args, **kwargs)
+        n_attn, overridden = x.shape[1], self._override is not None
+        try:
+            x = self.family.attention_part(block, x, attention_mask, *args, **kwargs)
+        finally:
+            self._override = None
         for m in active:
             red = m.reduce(index, x, state, self.signals)
             self._fired[id(m)] = True
@@ -167,47 +187,122 @@ class EncoderAttachment:
         self.signals = {}
         n_mlp = x.shape[1]
         x = self.family.mlp_part(block, x)
-        self._record(n_attn, n_attn_real, n_mlp, float(state.counts().float().mean()))
+        self._record(n_attn, n_attn_real, n_mlp, float(state.counts().float().mean()), skip_qk=overridden)
         if index == len(self.blocks) - 1:
             self._finish()
         return x
+
+    def _check_mask(self, attention_mask, state: TokenState):
+        if attention_mask is not None and state.num_tokens != self._n0:
+            raise StageError("the encoder was given an attention mask over its input tokens; token reduction changes "
+                             "the token count, so per-token input masks are not supported at the encoder stage")
+
+    def _reduce_before_attention(self, index, block, x, attention_mask, methods, args, kwargs) -> Tensor:
+        """Let ``methods`` reduce the block input; at most the last reduction may bring an attention override."""
+        state = self.tokens
+        for m in methods:
+            if self._override is not None:
+                raise StageError(f"{m!r} reduces the input of block {index} after another method fixed that block's "
+                                 "attention (an attention override); attach only one such method per block")
+            probe = self._prober(block, x, attention_mask, args, kwargs, m.signals)
+            n = x.shape[1]
+            red, override = m.reduce_before_attention(index, x, state, probe)
+            self._fired[id(m)] = True
+            self.stats.scoring_flops += m.scoring_flops_before_attention(index, n, self._info_now)
+            if red is not None:
+                x = state.apply(red, x)
+            if override is not None:
+                if override.shape[-1] != x.shape[1] or override.shape[-2] != x.shape[1]:
+                    raise StageError(f"{m!r} returned an attention override over {override.shape[-1]} tokens for a "
+                                     f"block that now holds {x.shape[1]}")
+                self._override = override
+        return x
+
+    def _prober(self, block, x, attention_mask, args, kwargs, default_names):
+        """``probe(names=None) -> dict``: this block's attention signals on the tokens ``x``, computed once.
+
+        Runs the family's attention part only up to the attention function (the module's Q/K/V
+        projections of ``x`` and the signals; the key bias — log size, padding — is the block's
+        own). Its work is added to ``stats.scoring_flops``: the three projections and, per
+        signal, the Q K^T products it needs.
+        """
+        cache: dict = {}
+
+        def probe(names=None) -> dict:
+            names = tuple(default_names if names is None else names)
+            missing = [n for n in names if n not in cache]
+            if missing:
+                self._probing = set(missing)
+                self.signals = {}
+                try:
+                    self.family.attention_part(block, x, attention_mask, *args, **kwargs)
+                except _Probed:
+                    pass
+                else:
+                    raise StageError(f"probing the attention of a {self.info.family} block never reached the "
+                                     "tokenreduce attention function")
+                finally:
+                    self._probing = None
+                cache.update(self.signals)
+                self.signals = {}
+                self.stats.scoring_flops += _probe_flops(x.shape[1], self.info.hidden_size, missing)
+            return {n: cache[n] for n in names}
+
+        return probe
 
     def attend(self, index, module, query, key, value, attention_mask, **kwargs):
         state = self.tokens
         bias = state.key_bias(self.prop_attn and not state.uniform_sizes(), query.dtype) if state is not None else None
         if bias is not None:
             attention_mask = bias if attention_mask is None else attention_mask + bias
+        if self._probing is not None:
+            self._observe(query, key, attention_mask, kwargs.get("scaling"), self._probing)
+            raise _Probed()
+        if self._override is not None:  # a method fixed this block's attention (e.g. MCTF's merged map)
+            probs = self._override.to(value.dtype)
+            if self._needs:
+                self._observe(query, key, attention_mask, kwargs.get("scaling"), self._needs, probs)
+            return (probs @ value).transpose(1, 2).contiguous(), probs
         if self._needs:
-            self._observe(query, key, attention_mask, kwargs.get("scaling"))
+            self._observe(query, key, attention_mask, kwargs.get("scaling"), self._needs)
         return _original(module, module.__dict__["_tokenreduce_impl"])(module, query, key, value, attention_mask, **kwargs)
 
-    def _observe(self, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None):
-        """Only the attention rows the methods asked for, from Q and K."""
+    def _observe(self, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, needs: set,
+                 probs: Tensor | None = None):
+        """Only the attention rows the methods asked for, from Q and K (or the override ``probs``)."""
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if "keys" in self._needs:
+        if "keys" in needs:
             self.signals["keys"] = key
-        if "queries" in self._needs:
+        if "queries" in needs:
             self.signals["queries"] = query
-        if "cls_attn" in self._needs:
-            logits = (query[:, :, :1] @ key.transpose(-1, -2)) * scale
-            if mask is not None:
-                logits = logits + (mask[..., :1, :] if mask.shape[-2] > 1 else mask)
-            self.signals["cls_attn"] = logits.softmax(-1)[:, :, 0]  # [B, H, N]
-        if "attn" in self._needs:
-            logits = (query @ key.transpose(-1, -2)) * scale
-            if mask is not None:
-                logits = logits + mask
-            self.signals["attn"] = logits.softmax(-1)  # [B, H, N, N]
-        if "scale" in self._needs:
+        if "cls_attn" in needs:
+            if probs is not None:
+                self.signals["cls_attn"] = probs[:, :, 0]
+            else:
+                logits = (query[:, :, :1] @ key.transpose(-1, -2)) * scale
+                if mask is not None:
+                    logits = logits + (mask[..., :1, :] if mask.shape[-2] > 1 else mask)
+                self.signals["cls_attn"] = logits.softmax(-1)[:, :, 0]  # [B, H, N]
+        if "attn" in needs:
+            if probs is not None:
+                self.signals["attn"] = probs
+            else:
+                logits = (query @ key.transpose(-1, -2)) * scale
+                if mask is not None:
+                    logits = logits + mask
+                self.signals["attn"] = logits.softmax(-1)  # [B, H, N, N]
+        if "scale" in needs:
             self.signals["scale"] = scale
 
     # ------------------------------------------------------------------ bookkeeping
-    def _record(self, n_attn: int, n_attn_real: float, n_mlp: int, n_mlp_real: float):
+    def _record(self, n_attn: int, n_attn_real: float, n_mlp: int, n_mlp_real: float, skip_qk: bool = False):
         c, f = self.info.hidden_size, self.info.mlp_size
         s = self.stats
         s.tokens_per_layer.append(n_attn_real)
         s.mlp_tokens_per_layer.append(n_mlp_real)
         s.flops += vit_attention_flops(n_attn, c) + vit_mlp_flops(n_mlp, c, f)
+        if skip_qk:  # an attention override replaces Q K^T (the module still computes Q and K: counted)
+            s.flops -= 2 * n_attn * n_attn * c
         s.flops_full += vit_attention_flops(self._n0, c) + vit_mlp_flops(self._n0, c, f)
 
     def _finish(self):
@@ -228,6 +323,16 @@ class EncoderAttachment:
                 f"{', '.join(m.name for m in self.methods)} never fired; call the model (or the vision tower) "
                 "whose encoder the methods are attached to")
         self._ran = False
+
+
+def _probe_flops(n: int, hidden: int, names) -> float:
+    """A probe's work on ``n`` tokens: the module's Q/K/V projections plus the Q K^T its signals need."""
+    flops = 2.0 * n * hidden * 3 * hidden
+    if "attn" in names:
+        flops += 2.0 * n * n * hidden
+    elif "cls_attn" in names:
+        flops += 2.0 * n * hidden
+    return flops
 
 
 def _square_grid(num_patches: int) -> tuple[int, int] | None:

@@ -2,7 +2,10 @@
 
 An encoder method is called once per block between attention and MLP (the place ToMe
 reduces) with the block's hidden states, the running `TokenState` and the attention
-signals it asked for, and returns a `Reduction` or None.
+signals it asked for, and returns a `Reduction` or None. A method may instead (or also)
+reduce a block's input before its attention (`reduce_before_attention`, MCTF's
+one-step-ahead fusion), probing that block's attention first and optionally fixing the
+attention the block then uses.
 """
 
 from __future__ import annotations
@@ -93,6 +96,30 @@ class EncoderMethod(Method):
 
     def scoring_flops(self, layer: int, num_tokens: int, info: EncoderInfo) -> float:
         """Analytic FLOPs of this method's scoring at one block (batch of one)."""
+        return 0.0
+
+    # -------------------------------------------------------- before attention (optional)
+    def reduces_before_attention(self, layer: int) -> bool:
+        """Whether `reduce_before_attention` runs at ``layer`` (never, unless a method says so)."""
+        return False
+
+    def reduce_before_attention(self, layer: int, x: Tensor, tokens: TokenState, probe) -> tuple:
+        """Reduce the input ``x`` [B, N, C] of block ``layer`` (the residual stream) before its attention.
+
+        ``probe(names=None)`` returns this block's attention signals on the N current tokens
+        (names as in ``signals``; default: the method's ``signals``), computed by the block's own
+        attention module with the block's key bias; call it only if needed — its cost (the
+        module's Q/K/V projections and Q K^T) is added to ``stats.scoring_flops`` by the attachment.
+
+        Returns ``(reduction, override)``: a `Reduction` of the N tokens (or None) and, optionally,
+        attention probabilities [B, H, M, M] over the M reduced tokens. With an override the block's
+        attention outputs ``override @ V`` (V projected from the reduced tokens; no softmax, no key
+        bias, no dropout) instead of computing softmax(Q K^T) V.
+        """
+        raise NotImplementedError
+
+    def scoring_flops_before_attention(self, layer: int, num_tokens: int, info: EncoderInfo) -> float:
+        """FLOPs of `reduce_before_attention`'s own planning at ``layer`` (N = ``num_tokens``), probe excluded."""
         return 0.0
 
 
