@@ -14,6 +14,31 @@ from .dinov2 import (
 from .fashion_mnist import FASHION_MNIST_CLASSES, fashion_to_pixels, load_fashion_mnist
 from .images import natural_photos
 
+# LLM assets load lazily: their modules import nothing optional at import time,
+# but keep `import tokenreduce.assets` free of transformers' LLM code paths.
+_LAZY = {
+    "load_smollm2": "llm",
+    "load_gemma3_270m": "llm",
+    "essays": "haystack",
+    "needle_samples": "haystack",
+    "multikey_samples": "haystack",
+    "multivalue_samples": "haystack",
+    "variable_tracking_samples": "haystack",
+    "score": "haystack",
+    "chat_prompt": "haystack",
+    "encode_prompt": "haystack",
+    "save_samples": "haystack",
+    "load_samples": "haystack",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "DINOV2_INPUT_SIZE",
     "DINOV2_MEAN",
@@ -25,4 +50,5 @@ __all__ = [
     "natural_photos",
     "onnx_backbone_features",
     "preprocess",
+    *_LAZY,
 ]
