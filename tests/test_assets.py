@@ -183,6 +183,7 @@ def test_fashion_mnist_bad_split():
 def test_fashion_mnist_not_found_message(monkeypatch, tmp_path):
     monkeypatch.setenv(fm_mod.ENV_VAR, str(tmp_path / "nowhere"))
     monkeypatch.setattr(fm_mod, "_SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr(fm_mod, "_CHECKOUT_DIR", tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as info:
         load_fashion_mnist("test")

@@ -55,6 +55,8 @@ def _candidate_dirs() -> list[Path]:
         dirs.append(Path(env).expanduser())
     dirs.append(_SYSTEM_DIR)
     dirs.append(Path.cwd() / _LOCAL_SUBDIR)
+    if _CHECKOUT_DIR / _LOCAL_SUBDIR not in dirs:
+        dirs.append(_CHECKOUT_DIR / _LOCAL_SUBDIR)
     return dirs
 
 
@@ -66,12 +68,16 @@ def _find_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
+_CHECKOUT_DIR = Path(__file__).resolve().parents[3]  # src/tokenreduce/assets -> the repo (editable install)
+
+
 def fashion_mnist_dir() -> Path:
     """First directory holding the four IDX files (gzipped or not).
 
     Searched in order: ``$TOKENREDUCE_FASHION_MNIST``,
     ``/usr/share/datasets/fashion-mnist``,
-    ``<cwd>/.cache/deb/usr/share/datasets/fashion-mnist``.
+    ``<cwd>/.cache/deb/usr/share/datasets/fashion-mnist`` and the same under the source
+    checkout (where ``make data`` unpacks it), so the CLI works from any directory.
     """
     searched = _candidate_dirs()
     for directory in searched:

@@ -85,9 +85,11 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     if not columns:
         raise ValueError("markdown_table needs at least one column")
     cells = [[c.render(r) for c in columns] for r in rows]
-    numeric = [bool(rows) and all(isinstance(r.get(c.key), (int, float)) and not isinstance(r.get(c.key), bool)
-                                  for r in rows if r.get(c.key) is not None) and any(r.get(c.key) is not None for r in rows)
-               for c in columns]
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    present = [[r.get(c.key) for r in rows if r.get(c.key) is not None] for c in columns]
+    numeric = [bool(vals) and all(is_number(v) for v in vals) for vals in present]
     widths = [max([len(c.title), 3] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
 
     def line(values):

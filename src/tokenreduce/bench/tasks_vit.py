@@ -7,15 +7,18 @@ and nothing is re-trained per method.
 
 * kNN — cosine similarity, k = 20, votes weighted by ``exp(sim / 0.07)`` as in DINO's
   kNN evaluation (Caron et al. 2021, arXiv 2104.14294) — similarity-weighted, not majority.
-* Linear probe — multinomial logistic regression on L2-normalised features, weights and
-  bias, L2 penalty ``weight_decay * |W|^2``, fitted full-batch with L-BFGS in float64 from
-  a zero start (the objective is strictly convex, so the fit is deterministic and unique).
+* Linear probe — multinomial logistic regression on features centred by the train mean and
+  then L2-normalised (the mean is part of the fitted classifier; DINOv2's [CLS] features
+  share a large common direction, mean cosine ~0.77 on Fashion-MNIST, and removing it
+  first lifts the probe from 0.77 to 0.80 there), L2 penalty ``weight_decay * |W|^2``,
+  fitted full-batch with L-BFGS in float64 from a zero start (the objective is strictly
+  convex, so the fit is deterministic and unique).
 * Fidelity — mean cosine similarity between reduced and full features of the same images.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +55,7 @@ def balanced_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
     """Indices of ``n`` samples, as equal per class as possible, chosen by a seeded permutation.
 
     Classes get ``n // C`` each and the first ``n % C`` classes (in label order) one more;
-    a class with too few samples gives all it has and the rest is filled from the others.
+    a class with too few samples gives all it has and the others share the rest evenly.
     The result is sorted, so it does not depend on the class order.
     """
     labels = torch.as_tensor(labels)
@@ -62,14 +65,10 @@ def balanced_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
     classes = labels.unique(sorted=True)
     pools = [torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)]
              for c in classes]
-    quota = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
-    take = [min(q, len(p)) for q, p in zip(quota, pools)]
-    short = n - sum(take)
-    while short > 0:  # fill from classes that still have samples, round robin
-        for i, p in enumerate(pools):
-            if short and take[i] < len(p):
-                take[i] += 1
-                short -= 1
+    take = [0] * len(pools)
+    for _ in range(n):  # water-filling: one more to the class with the fewest so far that has samples left
+        i = min((i for i in range(len(pools)) if take[i] < len(pools[i])), key=lambda i: take[i])
+        take[i] += 1
     return torch.cat([p[:t] for p, t in zip(pools, take)]).sort().values
 
 
@@ -134,14 +133,15 @@ class KNNClassifier:
 
 
 class LinearProbe:
-    """Multinomial logistic regression on L2-normalised features, fitted once by L-BFGS."""
+    """Multinomial logistic regression on centred, L2-normalised features, fitted once by L-BFGS."""
 
     def __init__(self, weight_decay: float = 1e-4, max_iter: int = 500, seed: int = 0):
         self.weight_decay, self.max_iter, self.seed = weight_decay, max_iter, seed
         self.weight: Tensor | None = None
 
     def fit(self, features: Tensor, labels: Tensor) -> "LinearProbe":
-        x = F.normalize(features.double(), dim=-1)
+        self.mean = features.double().mean(0)
+        x = F.normalize(features.double() - self.mean, dim=-1)
         y = torch.as_tensor(labels).long()
         c = int(y.max()) + 1
         torch.manual_seed(self.seed)  # the zero start makes the fit deterministic; the seed is for the record
@@ -158,14 +158,14 @@ class LinearProbe:
 
         with torch.enable_grad():
             opt.step(closure)
-            self.train_loss = float(closure())
+            self.train_loss = float(closure().detach())
         self.weight, self.bias = w.detach(), b.detach()
         return self
 
     def logits(self, features: Tensor) -> Tensor:
         if self.weight is None:
             raise RuntimeError("LinearProbe.predict before fit")
-        return F.normalize(features.double(), dim=-1) @ self.weight + self.bias
+        return F.normalize(features.double() - self.mean, dim=-1) @ self.weight + self.bias
 
     def predict(self, features: Tensor) -> Tensor:
         return self.logits(features).argmax(-1)

@@ -2,16 +2,19 @@
 
 Generic (any ``fn()`` that runs one batch of ``items`` items: images, sequences, tokens):
 warm-up runs first, then the median over timed repeats, so one slow repeat (a page fault,
-another process) does not move the number.
+another process) does not move the number. `measure_paired` alternates a reference (the
+unreduced model) and a candidate batch by batch, so a speedup compares two numbers taken
+under the same machine load: on a shared machine the load can change by 2x within minutes,
+which makes speedups against a reference timed once at the start meaningless.
 
 Peak memory:
 
-* CUDA — ``torch.cuda.max_memory_allocated`` over the timed repeats minus what was allocated
-  before them (exact, the caching allocator's own count).
+* CUDA — ``torch.cuda.max_memory_allocated`` during a timed call minus what was allocated
+  before it (exact, the caching allocator's own count); the largest over the repeats.
 * CPU — there is no allocator counter, so a background thread samples the process's
-  resident set size from ``/proc/self/statm`` every ``interval`` seconds during the timed
-  repeats and the peak minus the pre-forward baseline is reported: "peak RSS delta,
-  sampled". Before the baseline we ask glibc to return freed heap to the OS
+  resident set size from ``/proc/self/statm`` every ``interval`` seconds during each timed
+  call, and the peak minus the baseline just before the call is reported (the largest over
+  the repeats): "peak RSS delta, sampled". Before the baseline we ask glibc to return freed heap to the OS
   (``malloc_trim``), otherwise memory freed by an earlier run stays resident and hides
   this run's allocations. Sampling can miss spikes shorter than ``interval``; treat small
   differences as noise.
@@ -29,7 +32,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Timing", "RSSSampler", "measure_throughput", "rss_bytes", "memory_label", "sync"]
+__all__ = ["Timing", "RSSSampler", "measure_throughput", "measure_paired", "rss_bytes", "memory_label", "sync"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -136,28 +139,71 @@ def measure_throughput(fn: Callable[[], object], items: int, repeats: int = 3, w
     if items < 1:
         raise ValueError(f"items must be >= 1, got {items}")
     device = torch.device(device)
-    cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
     sync(device)
+    mem = _Memory(device, measure_memory, interval)
     timing = Timing(items=items, mem_kind=memory_label(device) if measure_memory else "")
-    sampler = None
-    if measure_memory and cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    elif measure_memory:
-        sampler = RSSSampler(interval).__enter__()
-    try:
-        for _ in range(repeats):
+    for _ in range(repeats):
+        timing.times.append(mem.run(fn))
+    timing.peak_mem_mb = mem.peak
+    return timing
+
+
+class _Memory:
+    """Peak memory over several separate calls (CUDA allocator peak, or sampled RSS on CPU)."""
+
+    def __init__(self, device: torch.device, enabled: bool, interval: float):
+        self.device, self.enabled, self.interval = device, enabled, interval
+        self.cuda = device.type == "cuda"
+        self.peak: float | None = None
+
+    def run(self, fn: Callable[[], object]) -> float:
+        """Call ``fn`` (synchronised), record its peak memory, return its wall time."""
+        sampler = None
+        if self.enabled and self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        elif self.enabled:
+            sampler = RSSSampler(self.interval).__enter__()
+        try:
             t0 = time.perf_counter()
             fn()
-            sync(device)
-            timing.times.append(time.perf_counter() - t0)
-    finally:
-        if sampler is not None:
-            sampler.__exit__(None, None, None)
-    if measure_memory and cuda:
-        timing.peak_mem_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    elif sampler is not None:
-        timing.peak_mem_mb = sampler.peak_delta / 2**20
-    return timing
+            sync(self.device)
+            elapsed = time.perf_counter() - t0
+        finally:
+            if sampler is not None:
+                sampler.__exit__(None, None, None)
+        if self.enabled:
+            peak = ((torch.cuda.max_memory_allocated(self.device) - base) if self.cuda else sampler.peak_delta) / 2**20
+            self.peak = peak if self.peak is None else max(self.peak, peak)
+        return elapsed
+
+
+def measure_paired(reference: Callable[[], object], candidate: Callable[[], object], items: int, repeats: int = 3,
+                   warmup: int = 1, reference_warmup: int = 0, device: str | torch.device = "cpu",
+                   measure_memory: bool = True, interval: float = 0.002) -> tuple[Timing, Timing]:
+    """Time ``reference`` and ``candidate`` alternately (ref, cand, ref, cand, ...), ``repeats`` each.
+
+    Returns ``(reference_timing, candidate_timing)``; their ratio is a speedup measured under
+    the same conditions. Memory is tracked for both, separately. ``reference_warmup`` is 0 by
+    default because the reference is usually warm already (timed earlier in the run).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if items < 1:
+        raise ValueError(f"items must be >= 1, got {items}")
+    device = torch.device(device)
+    for _ in range(reference_warmup):
+        reference()
+    for _ in range(warmup):
+        candidate()
+    sync(device)
+    kind = memory_label(device) if measure_memory else ""
+    mem_ref, mem_cand = _Memory(device, measure_memory, interval), _Memory(device, measure_memory, interval)
+    ref, cand = Timing(items=items, mem_kind=kind), Timing(items=items, mem_kind=kind)
+    for _ in range(repeats):
+        ref.times.append(mem_ref.run(reference))
+        cand.times.append(mem_cand.run(candidate))
+    ref.peak_mem_mb, cand.peak_mem_mb = mem_ref.peak, mem_cand.peak
+    return ref, cand

@@ -1,0 +1,150 @@
+"""The ``tokenreduce`` command line.
+
+    tokenreduce list                      registered methods and their papers
+    tokenreduce bench vit [options]       DINOv2-S: accuracy / fidelity / FLOPs / throughput per method and budget
+    tokenreduce bench kv | vlm            (not implemented yet)
+
+Exit status: 0 on success, 2 for a usage error (unknown method, budget out of range, ...),
+1 when a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "methods_table"]
+
+
+def _comma_floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], e.g. 0.75,0.5; got {text!r}")
+
+
+def _comma_names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenreduce",
+                                     description="Training-free token reduction: methods and benchmarks.")
+    sub = parser.add_subparsers(dest="command", metavar="{list,bench}")
+    sub.required = True
+
+    p_list = sub.add_parser("list", help="table of registered methods")
+    p_list.add_argument("--stage", default=None, help="only methods of this stage (encoder, connector, decoder, ...)")
+
+    p_bench = sub.add_parser("bench", help="run a benchmark")
+    bsub = p_bench.add_subparsers(dest="bench", metavar="{vit,kv,vlm}")
+    bsub.required = True
+
+    v = bsub.add_parser("vit", help="DINOv2-S on Fashion-MNIST and photos: accuracy, fidelity, FLOPs, throughput",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--methods", type=_comma_names, default=None,
+                   help="comma-separated method names (default: every registered encoder method)")
+    v.add_argument("--budgets", type=_comma_floats, default=[0.75, 0.5],
+                   help="comma-separated keep_ratio budgets in (0, 1]")
+    v.add_argument("--n-train", type=_positive_int, default=1000,
+                   help="class-balanced train images for the classifiers")
+    v.add_argument("--n-test", type=_positive_int, default=300, help="class-balanced test images")
+    v.add_argument("--batch-size", type=_positive_int, default=32)
+    v.add_argument("--image-size", type=_positive_int, default=224, help="pixels (a multiple of 14)")
+    v.add_argument("--timing-batches", type=_positive_int, default=3, help="timed batches (after one warm-up)")
+    v.add_argument("--no-timing", action="store_true", help="skip throughput and memory measurement")
+    v.add_argument("--out", default="results/vit", help="output folder (results.jsonl, results.md, pareto.png)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    v.add_argument("--cache-dir", default=None,
+                   help="model and feature cache (default: $TOKENREDUCE_CACHE or ~/.cache/tokenreduce)")
+    v.add_argument("--no-cache", action="store_true", help="recompute the full model's train features; write no cache")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v.set_defaults(subparser=v)  # its usage line for errors found after parsing
+
+    for name in ("kv", "vlm"):
+        s = bsub.add_parser(name, help=f"{name} benchmark (not implemented yet)")
+        s.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def methods_table(stage: str | None = None) -> str:
+    from .bench.report import Column, markdown_table
+    from .core.registry import list_methods
+
+    rows = [{"name": i.name, "stage": i.stage, "arxiv": i.arxiv, "paper": i.paper,
+             "training_free": "yes" if i.training_free else "no",
+             "calibration": "yes" if i.needs_calibration else "no",
+             "params": ", ".join(i.native_params) or "—"} for i in list_methods(stage)]
+    cols = [Column("name"), Column("stage"), Column("arxiv", "arXiv"), Column("paper"),
+            Column("training_free", "training-free"), Column("calibration"), Column("params", "native params")]
+    return markdown_table(rows, cols)
+
+
+def _bench_vit(args, parser) -> int:
+    from .bench.vit import ViTBenchConfig, check_budgets, check_methods, run_vit_bench, vit_table
+    from .core.errors import TokenReduceError
+
+    try:  # usage errors first, before anything slow
+        methods = check_methods(args.methods) if args.methods is not None else None
+        budgets = check_budgets(args.budgets)
+    except TokenReduceError as e:
+        parser.error(str(e))
+    if args.image_size % 14:
+        parser.error(f"--image-size must be a multiple of DINOv2's patch size 14 (e.g. 224); got {args.image_size}")
+    try:
+        import torch
+
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    cfg = ViTBenchConfig(methods=methods, budgets=budgets, n_train=args.n_train, n_test=args.n_test,
+                         batch_size=args.batch_size, image_size=args.image_size, timing_batches=args.timing_batches,
+                         timing=not args.no_timing, seed=args.seed, out=args.out, device=args.device,
+                         cache=not args.no_cache, cache_dir=args.cache_dir)
+    t0 = time.perf_counter()
+    rows = run_vit_bench(cfg, progress=not args.no_progress)
+    print(vit_table(rows))
+    print(f"\nwrote {args.out}/results.jsonl, results.md, pareto.png in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .core.errors import TokenReduceError
+
+    try:
+        if args.command == "list":
+            print(methods_table(args.stage))
+            return 0
+        if args.bench == "vit":
+            return _bench_vit(args, args.subparser)
+        print(f"tokenreduce: error: `tokenreduce bench {args.bench}` is not implemented yet; "
+              "available: `tokenreduce bench vit`", file=sys.stderr)
+        return 2
+    except (TokenReduceError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"tokenreduce: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tokenreduce: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
