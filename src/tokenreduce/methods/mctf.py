@@ -46,7 +46,7 @@ from ..core.method import EncoderInfo, EncoderMethod
 from ..core.reduction import Reduction
 from ..core.registry import register
 from ..core.tokens import TokenState
-from .tome import _prefix_first, raise_budget
+from .tome import _prefix_first, best_edges, protect_prefix, raise_budget
 
 POOLINGS = {"attention": 1, "size": 0, "mean": 3}  # name -> reference pooling_type
 
@@ -104,17 +104,8 @@ def bidirectional_matching(scores: Tensor, r: int, num_prefix: int, bidirectiona
     bsz, na, nb = scores.shape
     n, dev = na + nb, scores.device
     r1, r2 = (r // 2, r - r // 2) if bidirectional else (r, 0)
-    a_tok = torch.arange(na, device=dev) * 2
     b_tok = torch.arange(nb, device=dev) * 2 + 1
-    scores[:, a_tok < num_prefix, :] = -math.inf
-    scores[:, :, b_tok < num_prefix] = -math.inf
-
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
-    unm_idx, src_idx = edge_idx[:, r1:], edge_idx[:, :r1]
-    dst_idx = node_idx.gather(1, src_idx)
-    if num_prefix > 0:
-        unm_idx = unm_idx.sort(dim=1).values
+    unm_idx, src_idx, dst_idx = best_edges(protect_prefix(scores, num_prefix), r1, num_prefix)
     n_unm = na - r1
 
     b_dest = torch.empty(bsz, nb, dtype=torch.long, device=dev)

@@ -35,16 +35,33 @@ def bipartite_scores(metric: Tensor, num_prefix: int, valid: Tensor | None = Non
     Edges from or to a protected token, or (``valid`` [B, N] given) a padded one, are -inf.
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, bb = metric[:, ::2], metric[:, 1::2]
-    na, nb = a.shape[1], bb.shape[1]
-    scores = a @ bb.transpose(-1, -2)
-    a_tok = torch.arange(na, device=metric.device) * 2
-    b_tok = torch.arange(nb, device=metric.device) * 2 + 1
-    scores[:, a_tok < num_prefix, :] = -math.inf
-    scores[:, :, b_tok < num_prefix] = -math.inf
+    scores = protect_prefix(metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2), num_prefix)
     if valid is not None:
         scores = scores.masked_fill(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
     return scores
+
+
+def protect_prefix(scores: Tensor, num_prefix: int) -> Tensor:
+    """Set every edge from or to a protected token to -inf, in place (A = even, B = odd tokens)."""
+    na, nb = scores.shape[-2], scores.shape[-1]
+    scores[..., torch.arange(na, device=scores.device) * 2 < num_prefix, :] = -math.inf
+    scores[..., torch.arange(nb, device=scores.device) * 2 + 1 < num_prefix] = -math.inf
+    return scores
+
+
+def best_edges(scores: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's edge choice on A x B ``scores``: (unmerged A, merged A, their B destinations).
+
+    The ``r`` A tokens whose best edge is strongest merge into their best B token; unmerged
+    A tokens are sorted by index when a prefix is protected (so [CLS] stays first), else
+    left in descending-score order, as in ToMe.
+    """
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    if num_prefix > 0:
+        unm_idx = unm_idx.sort(dim=1).values
+    return unm_idx, src_idx, node_idx.gather(1, src_idx)
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, int]:
@@ -52,13 +69,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[Te
     b, n, _ = metric.shape
     scores = bipartite_scores(metric, num_prefix)
     na, nb = scores.shape[1], scores.shape[2]
-
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
-    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
-    dst_idx = node_idx.gather(1, src_idx)
-    if num_prefix > 0:
-        unm_idx = unm_idx.sort(dim=1).values
+    unm_idx, src_idx, dst_idx = best_edges(scores, r, num_prefix)
     n_unm = na - r
 
     a_dest = torch.empty(b, na, dtype=torch.long, device=metric.device)
