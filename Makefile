@@ -33,8 +33,8 @@ data:
 test: install data
 	$(BIN)/python -m pytest -q
 
-demo: install data
-	$(BIN)/tokenreduce bench vit --out results/vit
+demo: install data  # a small run of every encoder method; `tokenreduce bench vit --help` for the full one
+	$(BIN)/tokenreduce bench vit --n-train 500 --n-test 200 --batch-size 16 --timing-batches 2 --out results/vit
 
 clean:
 	rm -rf $(VENV) .cache results
