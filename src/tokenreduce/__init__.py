@@ -4,6 +4,10 @@
     with tokenreduce.apply(model, tokenreduce.get_method("tome", keep_ratio=0.5)) as h:
         out = model(pixel_values)
     print(h.stats.flops_ratio, h.stats.tokens_per_layer)
+
+    with tokenreduce.apply(llm, tokenreduce.get_method("snapkv", keep_ratio=0.25)) as h:
+        out = llm.generate(input_ids, attention_mask=mask, max_new_tokens=32)  # the cache is compressed once
+    print(h.stats.kv_bytes_ratio, h.stats.kv_kept_per_layer)
 """
 
 from .core.attach import Handle, apply, patch

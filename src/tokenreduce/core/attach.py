@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .errors import StageError, UnsupportedModelError
-from .method import EncoderMethod, Method
+from .method import EncoderMethod, KVMethod, Method
 from .stats import Stats
 
 
@@ -33,9 +33,12 @@ class Handle:
         by_stage: dict[str, list[Method]] = {}
         for m in methods:
             by_stage.setdefault(m.stage, []).append(m)
-        unknown = set(by_stage) - {"encoder"}
+        unknown = set(by_stage) - {"encoder", "kv-cache"}
         if unknown:
-            raise StageError(f"no stage adapter for {sorted(unknown)} methods yet; supported stages: encoder")
+            raise StageError(f"no stage adapter for {sorted(unknown)} methods yet; supported stages: encoder, kv-cache")
+        kv_methods = [m for m in by_stage.get("kv-cache", []) if isinstance(m, KVMethod)]
+        if len(kv_methods) > 1:
+            raise StageError(f"one kv-cache method per model at a time; got {', '.join(repr(m) for m in kv_methods)}")
         self.model = model
         self.methods = list(methods)
         self._attachments = []
@@ -49,6 +52,11 @@ class Handle:
                         f"{type(model).__name__} holds {len(encoders)} encoders; attach to the vision tower itself")
                 family, _owner, blocks, config = encoders[0]
                 self._attachments.append(EncoderAttachment(model, family, blocks, config, encoder_methods, track_source))
+            if kv_methods:
+                from ..adapters.decoder import DecoderAttachment, find_decoder
+
+                family, backbone = find_decoder(model)
+                self._attachments.append(DecoderAttachment(model, family, backbone, kv_methods[0]))
             self._hooks.append(model.register_forward_hook(self._after_forward))
         except Exception:
             self.remove()
@@ -60,14 +68,19 @@ class Handle:
 
     @property
     def stats(self) -> Stats:
-        """Tokens and FLOPs of the last forward (still readable after the methods are removed)."""
+        """Tokens and FLOPs of the last forward (still readable after the methods are removed).
+
+        For a kv-cache method: what the last compressed prefill kept (``kv_*`` fields); decoding
+        steps leave it as it is.
+        """
         return self._attachments[0].stats if self._attachments else Stats()
 
     @property
     def source(self):
         """The source map of the last forward (a composed `Reduction` from the input), when tracked."""
         a = self._attachments[0]
-        return a.tokens.source if a.tokens is not None else None
+        tokens = getattr(a, "tokens", None)
+        return tokens.source if tokens is not None else None
 
     def remove(self) -> None:
         while self._hooks:

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .budget import KeepRatio
+from .budget import KeepCount, KeepRatio
 from .registry import MethodInfo
 from .tokens import TokenState
 
@@ -129,3 +129,106 @@ def generator_for(seed: int | None, device) -> torch.Generator | None:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+# ---------------------------------------------------------------------------- kv-cache stage
+@dataclass(frozen=True)
+class DecoderInfo:
+    """What a kv-cache method may know about the causal LM it is attached to."""
+
+    family: str
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    compressible: tuple[int, ...]  # full-attention layers; sliding-window layers are left alone
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class KVContext:
+    """One layer's cache at the end of prefill, as a kv-cache method scores it.
+
+    Batches are left-padded; ``valid`` marks real entries and ``rank`` numbers them within
+    their sample (0 = the sample's first real token), so a method scores every sample as
+    if it were alone.
+    """
+
+    layer: int
+    keys: Tensor  # [B, H_kv, N, D], rotated (post-RoPE), as cached
+    values: Tensor  # [B, H_kv, N, D]
+    valid: Tensor  # [B, N] bool
+    rank: Tensor  # [B, N] long, -1 for padding
+    lengths: Tensor  # [B] real entries
+    budgets: Tensor  # [B] entries to keep
+    window: Tensor | None  # [B, H, W, N] float32 softmax rows of the last W queries (W = max over query_rows)
+    window_rows: Tensor | None  # [B] rows of ``window`` that belong to each sample (its last ones)
+    info: DecoderInfo
+
+
+class KVMethod(Method):
+    """A method that evicts KV-cache entries once, after the context is encoded (prefill).
+
+    Budget (one meaning for every kv method): ``keep_ratio`` = fraction of the context's
+    cache entries kept per sample, per layer and per KV head (``floor``, as kvpress's
+    ``int(n * (1 - compression_ratio))``; kvpress ``compression_ratio = 1 - keep_ratio``), or
+    ``keep_count`` = entries kept. A method only scores (`score`); the attachment selects the
+    top entries, shrinks the cache and keeps positions right.
+    """
+
+    stage: ClassVar[str] = "kv-cache"
+
+    def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
+        from .errors import BudgetError
+
+        if (keep_ratio is None) == (keep_count is None):
+            raise BudgetError(f"{self.name} needs exactly one budget: keep_ratio (fraction of the context's cache "
+                              f"entries kept, e.g. get_method('{self.name}', keep_ratio=0.25)) or keep_count (entries "
+                              "kept per sample and layer)")
+        super().__init__(keep_ratio)
+        self.count = KeepCount(keep_count) if keep_count is not None else None
+
+    def describe(self) -> str:
+        return f"keep_ratio={self.budget.ratio}" if self.budget else f"keep_count={self.count.count}"
+
+    def check(self, info: DecoderInfo) -> None:
+        """Raise `StageError` if this method cannot serve the model described by ``info``."""
+
+    def compresses(self, layer: int) -> bool:
+        """Whether this method compresses ``layer`` (all full-attention layers unless a method says otherwise)."""
+        return True
+
+    def query_rows(self, length: int) -> int:
+        """Attention rows of the last queries this method needs for a context of ``length`` entries (0 = none)."""
+        return 0
+
+    def budgets(self, lengths: Tensor) -> Tensor:
+        """Entries kept per sample [B] for contexts of ``lengths`` [B] real entries."""
+        from .errors import BudgetError
+
+        n = lengths.to(torch.long)
+        if self.count is not None:
+            if bool((n < self.count.count).any()):
+                short = int(n.min())
+                raise BudgetError(f"{self.name}: keep_count={self.count.count} is larger than the context ({short} "
+                                  "cached entries in the shortest sample); use a smaller keep_count or keep_ratio")
+            return torch.full_like(n, self.count.count)
+        m = torch.floor(n.to(torch.float64) * self.budget.ratio + 1e-9).to(torch.long)
+        if bool((m < 1).any()):
+            short = int(n.min())
+            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} keeps less than 1 of the {short} cached "
+                              "entries of the shortest sample; raise keep_ratio or use keep_count=1 or more")
+        return m
+
+    def score(self, ctx: KVContext) -> Tensor:
+        """Scores ``[B, H_kv or 1, N]``: higher is kept; ``+inf`` forces an entry in."""
+        raise NotImplementedError
+
+    def scoring_flops(self, length: int, rows: int, info: DecoderInfo) -> float:
+        """FLOPs of scoring one layer (batch of one), beyond the model's own prefill."""
+        return 0.0

@@ -27,6 +27,15 @@ class Stats:
     flops_full: float = 0.0  # the same model without reduction
     scoring_flops: float = 0.0  # the methods' own scoring/planning work, per sample (counted in `flops`)
     batch_size: int = 0
+    # kv-cache stage (prefill-time compression; one entry per compressed layer). Compression runs after the
+    # context is encoded, so prefill FLOPs are unchanged: flops/flops_full stay 0 and flops_ratio 1.0;
+    # ``scoring_flops`` counts the methods' extra work (e.g. SnapKV's window attention rows).
+    kv_layers: list[int] = field(default_factory=list)  # cache layers taken over at the last prefill (skipped ones kept whole)
+    kv_entries_per_layer: list[float] = field(default_factory=list)  # real context entries per sample (mean), per KV head
+    kv_kept_per_layer: list[float] = field(default_factory=list)  # entries kept per sample (mean), per KV head
+    kv_slots_per_layer: list[int] = field(default_factory=list)  # physical slots after compression (padding included)
+    kv_bytes_before_per_layer: list[int] = field(default_factory=list)  # keys + values of the whole batch, as stored
+    kv_bytes_after_per_layer: list[int] = field(default_factory=list)
 
     @property
     def flops_ratio(self) -> float:
@@ -35,6 +44,19 @@ class Stats:
     @property
     def final_tokens(self) -> float:
         return self.mlp_tokens_per_layer[-1] if self.mlp_tokens_per_layer else 0.0
+
+    @property
+    def kv_bytes_before(self) -> int:
+        return sum(self.kv_bytes_before_per_layer)
+
+    @property
+    def kv_bytes_after(self) -> int:
+        return sum(self.kv_bytes_after_per_layer)
+
+    @property
+    def kv_bytes_ratio(self) -> float:
+        """Physical bytes after / before compression, over the compressed layers (padding slots count)."""
+        return self.kv_bytes_after / self.kv_bytes_before if self.kv_bytes_before else 1.0
 
     def as_dict(self) -> dict:
         return {
@@ -45,4 +67,9 @@ class Stats:
             "flops_ratio": self.flops_ratio,
             "scoring_flops": self.scoring_flops,
             "batch_size": self.batch_size,
+            **({"kv_layers": self.kv_layers, "kv_entries_per_layer": self.kv_entries_per_layer,
+                "kv_kept_per_layer": self.kv_kept_per_layer, "kv_slots_per_layer": self.kv_slots_per_layer,
+                "kv_bytes_before_per_layer": self.kv_bytes_before_per_layer,
+                "kv_bytes_after_per_layer": self.kv_bytes_after_per_layer, "kv_bytes_before": self.kv_bytes_before,
+                "kv_bytes_after": self.kv_bytes_after, "kv_bytes_ratio": self.kv_bytes_ratio} if self.kv_layers else {}),
         }

@@ -1,0 +1,397 @@
+"""KV-cache stage: compress a causal LM's cache once, after the context is encoded (prefill).
+
+How it attaches (all undone exactly by `DecoderAttachment.remove`):
+
+* Each attention module gets the ``"tokenreduce"`` attention function of transformers'
+  registry (the one `adapters.encoder` registers; it dispatches on the module's slot
+  attribute, so encoder and decoder attachments coexist) through an instance-level copy of
+  its config whose ``_attn_implementation`` is ``"tokenreduce"``. The backbone keeps the
+  original config, so transformers still builds the masks of the original implementation
+  (SDPA or eager), and our function calls that implementation — the model never switches to
+  eager. At prefill it first computes, from the post-RoPE queries and the keys after the
+  cache update, only the softmax rows a method asked for (SnapKV's observation window,
+  TOVA's last query).
+* A forward pre-hook (with kwargs) on each attention module takes the cache
+  (``past_key_values``) and decides whether this forward is a prefill to compress (query
+  length > 1, a full-attention layer, not yet compressed); the budget is checked there,
+  before the first layer touches the cache. A forward hook then scores that layer's cached
+  entries, keeps the top ones (`core.kv.select_kept`) and replaces ``cache.layers[i]`` by a
+  `core.kv.CompressedLayer` — the caller's cache object stays compressed after the context
+  exits. Decoding steps (query length 1) and a cache already compressed are never touched.
+* A forward pre-hook on the backbone keeps the 2-D padding mask of the call: once a cache
+  holds compressed layers with per-sample budgets (left-padded batches) or layers of
+  different lengths, our attention function builds each layer's mask itself
+  (`core.kv.layer_mask`) instead of transformers' one mask per forward.
+
+A family is described once (`DecoderFamily`): backbone class, attention class, where the
+layers are. Which layers are full attention comes from the config's layer types
+(transformers' own ``get_layer_types_and_kwargs``): sliding-window layers (Mistral with
+``sliding_window`` set, Qwen2 with ``use_sliding_window``) are left alone — they already
+bound their cache — and a model without any full-attention layer is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import weakref
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
+
+from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
+from ..core.kv import CompressedLayer, kv_bytes, layer_mask, select_kept
+from ..core.method import DecoderInfo, KVContext, KVMethod
+from ..core.stats import Stats
+from .encoder import _SLOT, IMPL, _original
+
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """Where a causal-LM family keeps its decoder layers and attention modules."""
+
+    name: str
+    backbone_classes: tuple[str, ...]  # the module holding ``layers`` and building the masks
+    attention_classes: tuple[str, ...]
+    layers: Callable[[nn.Module], nn.ModuleList] = lambda backbone: backbone.layers
+    attention: Callable[[nn.Module], nn.Module] = lambda layer: layer.self_attn
+
+
+LLAMA = DecoderFamily("llama", ("LlamaModel",), ("LlamaAttention",))  # SmolLM2
+QWEN2 = DecoderFamily("qwen2", ("Qwen2Model",), ("Qwen2Attention",))
+QWEN3 = DecoderFamily("qwen3", ("Qwen3Model",), ("Qwen3Attention",))  # q/k norms: we see Q and K after them
+MISTRAL = DecoderFamily("mistral", ("MistralModel",), ("MistralAttention",))
+PHI3 = DecoderFamily("phi3", ("Phi3Model",), ("Phi3Attention",))  # fused qkv projection: irrelevant here
+
+DECODER_FAMILIES: tuple[DecoderFamily, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, PHI3)
+SUPPORTED_DECODERS = "Llama (SmolLM2), Qwen2, Qwen3, Mistral, Phi3 (*ForCausalLM or the bare *Model)"
+
+
+def find_decoder(model: nn.Module) -> tuple[DecoderFamily, nn.Module]:
+    """(family, backbone) of the one supported causal-LM decoder inside ``model``."""
+    found = []
+    for module in model.modules():
+        for fam in DECODER_FAMILIES:
+            if type(module).__name__ in fam.backbone_classes:
+                found.append((fam, module))
+    if not found:
+        raise UnsupportedModelError(f"no supported causal-LM decoder found in {type(model).__name__}; kv-cache methods "
+                                    f"support {SUPPORTED_DECODERS}")
+    if len(found) > 1:
+        raise UnsupportedModelError(f"{type(model).__name__} holds {len(found)} decoders; attach to one of them")
+    return found[0]
+
+
+@dataclass
+class _LayerState:
+    """One attention module's view of the running forward (set by its pre-hook)."""
+
+    cache: Cache | None
+    compress: bool = False
+    keep_all: bool = False  # a full-attention layer the method skips: kept whole, but held as a CompressedLayer
+    valid: Tensor | None = None  # [B, N] real entries of the layer after this forward's update
+    lengths: Tensor | None = None
+    budgets: Tensor | None = None
+    window_rows: Tensor | None = None  # [B]
+    rows: int = 0
+    window: Tensor | None = None
+
+
+class DecoderAttachment:
+    """One kv-cache method attached to one causal LM."""
+
+    def __init__(self, model: nn.Module, family: DecoderFamily, backbone: nn.Module, method: KVMethod):
+        self.family, self.backbone, self.method = family, backbone, method
+        config = backbone.config
+        self.layers = list(family.layers(backbone))
+        self.attns = [family.attention(layer) for layer in self.layers]
+        for a in self.attns:
+            if type(a).__name__ not in family.attention_classes:
+                raise UnsupportedModelError(f"{family.name}: expected {family.attention_classes} attention modules, "
+                                            f"found {type(a).__name__}")
+        impl = config._attn_implementation
+        if impl not in SUPPORTED_IMPLEMENTATIONS:
+            raise UnsupportedModelError(f"kv-cache methods run with attn_implementation in {SUPPORTED_IMPLEMENTATIONS} "
+                                        f"(masks of padded, compressed caches are built for those); this model uses "
+                                        f"{impl!r}: load it with attn_implementation='sdpa'")
+        layer_types = get_layer_types_and_kwargs(config)[0]
+        full = tuple(i for i, t in enumerate(layer_types) if t == "full_attention")
+        if not full:
+            raise UnsupportedModelError(
+                f"every layer of this {family.name} model is a {layer_types[0]!r} layer (sliding_window="
+                f"{getattr(config, 'sliding_window', None)}); kv-cache methods leave sliding-window layers alone "
+                "(they already bound their cache), so there is nothing to compress")
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.info = DecoderInfo(
+            family=family.name, num_layers=len(self.layers), num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            hidden_size=config.hidden_size, compressible=full,
+        )
+        method.check(self.info)
+        self.compressible = tuple(i for i in full if method.compresses(i))
+        if not self.compressible:
+            raise StageError(f"{method!r} compresses none of the full-attention layers {full} of this model")
+        self.impl = impl
+        self.stats = Stats()
+        self._state: dict[int, _LayerState] = {}
+        self._padding: Tensor | None = None  # 2-D padding mask of the running forward (bool), None = no padding
+        self._custom_mask = False  # the caller passed a ready 4-D mask
+        self._has_compressed = False  # the running forward's cache already holds compressed layers
+        self._flagged: "weakref.WeakSet[CompressedLayer]" = weakref.WeakSet()
+        self._caches: "weakref.WeakSet[Cache]" = weakref.WeakSet()
+        self._ran = False
+        self._undo: list[Callable[[], None]] = []
+        self._backbone_sig = inspect.signature(backbone.forward)
+        self._attach()
+
+    # ------------------------------------------------------------------ attach / remove
+    def _attach(self):
+        for a in self.attns:
+            if _SLOT in a.__dict__:
+                raise StageError("this model already has tokenreduce methods attached; pass all methods to one apply()")
+        try:
+            for i, attn in enumerate(self.attns):
+                self._set_instance_attr(attn, _SLOT, (self, i))
+                self._set_instance_attr(attn, "_tokenreduce_impl", self.impl)
+                cfg = copy.copy(attn.config)  # shallow: only this module sees "tokenreduce"; masks stay the model's
+                cfg._attn_implementation_internal = IMPL
+                self._set_instance_attr(attn, "config", cfg)
+                h1 = attn.register_forward_pre_hook(partial(self._before_attention, i), with_kwargs=True)
+                h2 = attn.register_forward_hook(partial(self._after_attention, i), with_kwargs=True)
+                self._undo += [h1.remove, h2.remove]
+            h3 = self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True)
+            h4 = self.backbone.register_forward_hook(self._end, with_kwargs=True)
+            self._undo += [h3.remove, h4.remove]
+        except Exception:
+            self.remove()
+            raise
+
+    def _set_instance_attr(self, obj, name, value):
+        had = name in obj.__dict__
+        old = obj.__dict__.get(name)
+        obj.__dict__[name] = value
+
+        def undo():
+            if had:
+                obj.__dict__[name] = old
+            else:
+                obj.__dict__.pop(name, None)
+
+        self._undo.append(undo)
+
+    def remove(self):
+        self._unflag()
+        while self._undo:
+            self._undo.pop()()
+
+    def _unflag(self):
+        for layer in list(self._flagged):
+            layer.masked_by = None
+        self._flagged = weakref.WeakSet()
+
+    # ------------------------------------------------------------------ hooks
+    def _begin(self, backbone, args, kwargs):
+        self._unflag()
+        self._state.clear()
+        try:
+            bound = self._backbone_sig.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = dict(kwargs)
+        mask = bound.get("attention_mask")
+        if mask is None and isinstance(bound.get("kwargs"), dict):
+            mask = bound["kwargs"].get("attention_mask")
+        self._custom_mask = isinstance(mask, Tensor) and mask.dim() == 4
+        self._padding = None
+        if isinstance(mask, Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            self._padding = mask.to(torch.bool)
+        cache = bound.get("past_key_values")
+        self._has_compressed = False
+        if isinstance(cache, Cache):
+            for layer in cache.layers:
+                if isinstance(layer, CompressedLayer):  # we build its masks during this forward
+                    layer.masked_by = self
+                    self._flagged.add(layer)
+                    self._has_compressed = True
+
+    def _end(self, backbone, args, kwargs, output):
+        for cache in list(self._caches):
+            _mark_uniform(cache)
+        self._caches = weakref.WeakSet()
+        self._unflag()
+
+    def _before_attention(self, index: int, module, args, kwargs):
+        self._ran = True
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        batch, q = hidden.shape[0], hidden.shape[1]
+        cache = kwargs.get("past_key_values")
+        st = _LayerState(cache)
+        self._state[index] = st
+        li = module.layer_idx
+        layer = cache.layers[li] if isinstance(cache, Cache) and li < len(cache.layers) else None
+        m = self.method
+        if q <= 1 or index not in self.info.compressible or m.reduces_nothing:
+            return
+        if cache is None:
+            raise StageError(f"{m!r} compresses the KV cache, but this forward runs without one; call the model "
+                             "with use_cache=True (the default) or pass past_key_values=DynamicCache()")
+        if isinstance(layer, CompressedLayer):
+            return  # a cache is compressed once, at its prefill; later chunks (a question) are appended as they are
+        _check_cache(cache, layer)
+        past = layer.get_seq_length() if layer is not None and layer.is_initialized else 0
+        st.valid = self._validity(kwargs.get("attention_mask"), batch, past + q, hidden.device)
+        st.lengths = st.valid.sum(-1)
+        budgets = m.budgets(st.lengths)  # BudgetError at the first full layer, before it touches the cache
+        if index == self.info.compressible[0]:
+            self.stats = Stats(batch_size=batch)
+        if index not in self.compressible:
+            st.keep_all, st.budgets = True, st.lengths
+            return
+        st.budgets = budgets
+        st.window_rows = torch.tensor([m.query_rows(int(n)) for n in st.lengths.tolist()], dtype=torch.long)
+        st.rows = int(st.window_rows.max())
+        st.compress = True
+
+    def _validity(self, mask4d, batch: int, length: int, device) -> Tensor:
+        """Real (non-padding) entries [B, length] of a layer holding ``length`` uncompressed entries."""
+        if self._padding is not None and self._padding.shape[1] == length:
+            return self._padding.to(device)
+        if isinstance(mask4d, Tensor) and mask4d.dim() == 4 and mask4d.shape[-1] == length:
+            row = mask4d[:, 0, -1, :]  # the last query sees every real entry before it
+            return row if row.dtype == torch.bool else row == 0
+        if self._padding is not None or self._custom_mask:
+            raise StageError(f"the attention mask does not cover the {length} cached entries of this layer; pass a "
+                             "2-D attention_mask over the whole sequence (past and new tokens)")
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+
+    def attend(self, index, module, query, key, value, attention_mask, **kwargs):
+        """The "tokenreduce" attention function for our layers: own masks, window rows, then the original."""
+        impl = _original(module, module.__dict__["_tokenreduce_impl"])
+        st = self._state.get(index)
+        mask = attention_mask
+        if st is not None and self._has_compressed and isinstance(st.cache, Cache) and index in self.info.compressible:
+            mask = self._own_mask(module, query, key, mask, st.cache.layers[module.layer_idx])
+        if st is not None and st.compress and st.rows > 0:
+            st.window = window_attention(query, key, mask, kwargs.get("scaling"), st.rows)
+        return impl(module, query, key, value, mask, **kwargs)
+
+    def _own_mask(self, module, query, key, mask, layer):
+        """This layer's own mask when the cache's layout differs from what transformers' one mask assumes."""
+        q, k = query.shape[-2], key.shape[-2]
+        if isinstance(layer, CompressedLayer):
+            valid = layer.cache_validity(self._padding)
+        elif self._padding is not None:
+            valid = self._padding[:, :k]
+        else:
+            valid = torch.ones(key.shape[0], k, dtype=torch.bool, device=key.device)
+        if valid.shape[1] != k:
+            raise StageError(f"layer {module.layer_idx}: the padding mask covers {valid.shape[1]} of its {k} entries; "
+                             "pass a 2-D attention_mask over the whole sequence (past and new tokens)")
+        if self._custom_mask:
+            if mask is not None and mask.shape[-1] == k and not (isinstance(layer, CompressedLayer) and layer.needs_own_mask):
+                return mask
+            raise StageError("a custom 4-D attention mask cannot follow a compressed cache with per-sample or per-layer "
+                             "lengths; pass a 2-D padding mask instead")
+        if bool(valid.all()):
+            if q == 1:
+                return None  # what transformers passes for an unpadded decoding step
+            if mask is not None and mask.shape[-1] == k:
+                return mask  # transformers' own mask already fits this layer
+        own = layer_mask(valid, q)
+        if self.impl == "eager":
+            own = torch.zeros(own.shape, dtype=query.dtype, device=own.device).masked_fill(~own, torch.finfo(query.dtype).min)
+        return own
+
+    def _after_attention(self, index: int, module, args, kwargs, output):
+        st = self._state.pop(index, None)
+        if st is None or not (st.compress or st.keep_all):
+            return output
+        cache, li = st.cache, module.layer_idx
+        layer = cache.layers[li]
+        keys, values = layer.keys, layer.values
+        n = keys.shape[-2]
+        if st.valid.shape[1] != n:
+            raise StageError(f"layer {li} holds {n} entries after prefill, expected {st.valid.shape[1]}")
+        rank = torch.where(st.valid, st.valid.long().cumsum(-1) - 1, torch.full_like(st.valid, -1, dtype=torch.long))
+        b, h = keys.shape[:2]
+        if st.keep_all:  # everything real, in order (only columns that are padding in every sample go)
+            scores = torch.arange(n, device=keys.device, dtype=torch.float32)[None, None]
+        else:
+            ctx = KVContext(layer=index, keys=keys, values=values, valid=st.valid, rank=rank, lengths=st.lengths,
+                            budgets=st.budgets, window=st.window, window_rows=st.window_rows, info=self.info)
+            scores = self.method.score(ctx)
+        kept = select_kept(scores.expand(b, h, n), st.valid, st.budgets)
+        new = CompressedLayer.compress(layer, kept)
+        new.masked_by = self  # this forward goes on with our masks
+        self._flagged.add(new)
+        cache.layers[li] = new
+        self._caches.add(cache)
+        s = self.stats
+        s.kv_layers.append(li)
+        s.kv_entries_per_layer.append(float(st.lengths.float().mean()))
+        s.kv_kept_per_layer.append(float(st.budgets.float().mean()))
+        s.kv_slots_per_layer.append(new.physical_length)
+        s.kv_bytes_before_per_layer.append(kv_bytes(layer))
+        s.kv_bytes_after_per_layer.append(kv_bytes(new))
+        if st.compress:
+            s.scoring_flops += self.method.scoring_flops(int(st.lengths.float().mean()), st.rows, self.info)
+        return output
+
+    def check_ran(self):
+        """Called after the model's forward: its decoder layers must have run through our modules."""
+        if not self._ran:
+            raise NeverFiredError(f"the model ran but the {self.info.family} decoder's attention modules did not, so "
+                                  f"{self.method.name} never fired; call the causal LM (or its decoder) the method is "
+                                  "attached to")
+        self._ran = False
+
+
+def _check_cache(cache: Cache, layer) -> None:
+    if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
+        raise StageError(f"kv-cache methods compress a DynamicCache (transformers' default, not offloaded); got "
+                         f"{type(cache).__name__}{' with offloading' if getattr(cache, 'offloading', False) else ''}. "
+                         "StaticCache, QuantizedCache and offloaded caches are not supported: pass "
+                         "past_key_values=DynamicCache() or let the model create its cache")
+    if layer is not None and type(layer) is not DynamicLayer:
+        raise StageError(f"kv-cache methods compress full-attention DynamicLayer cache layers; this cache holds a "
+                         f"{type(layer).__name__} at this layer")
+
+
+def _mark_uniform(cache: Cache) -> None:
+    """Flag the compressed layers of ``cache`` whose physical length differs from another full layer's."""
+    lengths = {l.keys.shape[-2] for l in cache.layers
+               if isinstance(l, DynamicLayer) and not getattr(l, "is_sliding", False) and l.is_initialized}
+    for l in cache.layers:
+        if isinstance(l, CompressedLayer):
+            l.uniform = len(lengths) <= 1
+
+
+def window_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, rows: int) -> Tensor:
+    """Softmax rows ``[B, H, rows, K]`` (float32, float64 for a float64 model) of the last ``rows`` queries.
+
+    ``query`` [B, H, q, D] post-RoPE, ``key`` [B, H_kv, K, D] after the cache update (GQA:
+    query head ``h`` reads KV head ``h // (H / H_kv)``, as transformers' ``repeat_kv``).
+    ``mask``: the layer's attention mask (bool: True attends; float: additive) or None for
+    a plain causal prefill.
+    """
+    b, h, q, d = query.shape
+    hk, k = key.shape[1], key.shape[-2]
+    g = h // hk
+    scale = scaling if scaling is not None else d ** -0.5
+    dt = torch.promote_types(query.dtype, torch.float32)
+    qw = query[:, :, q - rows:].to(dt).reshape(b, hk, g * rows, d)
+    logits = (qw @ key.to(dt).transpose(-1, -2)).reshape(b, h, rows, k) * scale
+    if mask is None:
+        cols = torch.arange(k, device=key.device)
+        allowed = cols[None, :] <= (k - rows + torch.arange(rows, device=key.device))[:, None]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    else:
+        m = mask[..., mask.shape[-2] - rows:, :]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.to(dt)
+    return logits.softmax(-1)

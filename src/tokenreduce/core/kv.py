@@ -1,0 +1,202 @@
+"""A compressed KV-cache layer for transformers' Cache API, and the selection that fills it.
+
+After prefill, a kv-cache method scores every cached entry of a layer; `select_kept` turns
+the scores and a per-sample budget into a `Reduction` per (sample, KV head) and
+`CompressedLayer.compress` replaces the layer's keys and values by the kept ones. The
+cache really shrinks: the new tensors are ``[B, H_kv, M, D]`` with ``M`` the largest
+per-sample budget.
+
+Positions: kept keys were rotated (RoPE) before they were cached, so they keep their
+positions. New tokens must continue at the *logical* length (all tokens seen so far), not
+at the physical one, so ``get_seq_length()`` reports the logical length (the model and
+``generate`` derive new positions from it) while ``get_mask_sizes()`` reports the physical
+length plus an offset (logical - physical): transformers' mask builder then slices the 2-D
+padding mask to its last columns and aligns the causal mask, as for its own
+`DynamicSlidingWindowLayer`.
+
+Per-sample budgets (a batch of mixed-length, left-padded prompts keeps a different number
+of entries per sample) are stored left-padded: sample ``b`` holds its kept entries in the
+last ``m_b`` slots, in their original order, and ``slot_valid[b]`` marks the real slots.
+transformers builds one mask per forward from the first layer's sizes and cannot know these
+per-sample slots, so such a cache needs the decoder attachment, which builds each layer's
+mask itself (`layer_mask`). Outside an attachment, a layer that would be mis-masked raises
+instead of attending to padding (`CompressedLayer.check_masked`, called from
+``get_mask_sizes`` — which transformers calls before any layer runs — and ``update``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicLayer
+
+from .errors import StageError
+from .reduction import Reduction
+
+
+def select_kept(scores: Tensor, valid: Tensor, budgets: Tensor) -> Tensor:
+    """Kept cache positions ``[B, H, M]``: per sample and head, the ``budgets[b]`` best scores.
+
+    ``scores`` [B, H, N] (higher keeps; ``+inf`` forces), ``valid`` [B, N] (padding is never
+    kept), ``budgets`` [B] with ``budgets[b] <= valid[b].sum()``. Ties go to the later
+    (more recent) position. Kept positions are in ascending order; a sample with fewer than
+    ``M = budgets.max()`` entries is left-padded with ``-1``.
+    """
+    n = scores.shape[-1]
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~valid[:, None, :], float("-inf"))
+    # stable descending sort of the reversed sequence: among equal scores the later position wins
+    order = torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices
+    best = (n - 1) - order
+    m = int(budgets.max())
+    top = best[..., :m]
+    take = torch.arange(m, device=scores.device)[None, None, :] < budgets.to(scores.device)[:, None, None]
+    top = torch.where(take, top, torch.full_like(top, -1))
+    return top.sort(dim=-1).values  # -1 first: left padding, then ascending positions
+
+
+def kv_bytes(layer) -> int:
+    """Bytes held by a cache layer's keys and values (physically)."""
+    total = 0
+    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        if isinstance(t, Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+class CompressedLayer(DynamicLayer):
+    """A `DynamicLayer` whose first entries were compressed: logical and physical lengths differ.
+
+    ``keys``/``values``: ``[B, H_kv, P, D]``, the ``P_c`` compressed slots followed by the
+    tokens appended since. ``cumulative_length``: tokens seen (logical). ``slot_valid``:
+    ``[B, P_c]`` real compressed slots, None when every sample kept the same count.
+    ``kept``: ``[B, H_kv, P_c]`` the position (in the layer before compression) each slot
+    came from, ``-1`` for a padded slot.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, logical_length: int, kept: Tensor,
+                 slot_valid: Tensor | None = None):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+        self.cumulative_length = int(logical_length)
+        self.compressed_length = int(logical_length)  # logical length at compression
+        self.compressed_slots = keys.shape[-2]
+        self.kept = kept
+        self.slot_valid = slot_valid
+        self.uniform = True  # same physical length as every other layer of its cache (set by the attachment)
+        self.masked_by = None  # the attachment that builds this layer's masks during the current forward
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def compress(layer: DynamicLayer, kept: Tensor) -> "CompressedLayer":
+        """Keep ``kept`` [B, H, M] positions (ascending, ``-1`` = padded slot) of a layer's entries."""
+        keys, values = layer.keys, layer.values
+        b, h, n, d = keys.shape
+        red = Reduction.keep(kept.reshape(b * h, -1), n)
+        m = kept.shape[-1]
+        new_k = red.apply(keys.reshape(b * h, n, d)).reshape(b, h, m, d)
+        new_v = red.apply(values.reshape(b * h, n, values.shape[-1])).reshape(b, h, m, values.shape[-1])
+        valid = kept[:, 0] >= 0  # every head keeps the same count per sample
+        slot_valid = None if bool(valid.all()) else valid
+        return CompressedLayer(new_k.contiguous(), new_v.contiguous(), layer.get_seq_length(), kept, slot_valid)
+
+    # ------------------------------------------------------------------ Cache API
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def needs_own_mask(self) -> bool:
+        """Whether transformers' single mask per forward would be wrong for this layer."""
+        return self.slot_valid is not None or not self.uniform
+
+    def check_masked(self) -> None:
+        """Raise if transformers' one mask per forward would be wrong for this layer and nobody builds its own."""
+        if self.needs_own_mask and self.masked_by is None and self.is_initialized:
+            why = ("its samples kept different numbers of entries (left-padded slots)" if self.slot_valid is not None
+                   else "its layers hold different numbers of entries")
+            raise StageError(
+                f"this KV cache was compressed by tokenreduce and {why}; transformers builds one attention mask for "
+                "all layers and would attend to the wrong entries. Continue decoding inside "
+                "`with tokenreduce.apply(model, method):` (the attachment masks every layer itself and never "
+                "re-compresses a compressed cache), or decode the samples one at a time")
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.check_masked()
+        if not self.is_initialized:  # after reset(): a fresh, uncompressed layer
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # transformers asks the first full-attention layer before any layer runs: the earliest place to refuse
+        self.check_masked()
+        return self.physical_length + query_length, self.cumulative_length - self.physical_length
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = self.compressed_length = self.compressed_slots = 0
+        self.kept, self.slot_valid, self.uniform = None, None, True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # legacy form: the length to keep
+            tokens_to_remove = tokens_to_remove - self.cumulative_length
+        n = -tokens_to_remove
+        if n <= 0:
+            return
+        appended = self.cumulative_length - self.compressed_length
+        if n > appended:
+            raise StageError(f"cannot crop {n} tokens from a compressed cache layer: only the {appended} tokens "
+                             "appended after compression can be removed; the compressed entries are not in order")
+        self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+        self.cumulative_length -= n
+
+    def _index_batch(self, fn) -> None:
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.kept is not None:
+            self.kept = fn(self.kept)
+        if self.slot_valid is not None:
+            self.slot_valid = fn(self.slot_valid)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._index_batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    # ------------------------------------------------------------------ masks
+    def cache_validity(self, padding: Tensor | None) -> Tensor:
+        """Which physical slots ``[B, P]`` are real, given the 2-D padding mask over logical positions."""
+        b = self.keys.shape[0]
+        comp = self.slot_valid if self.slot_valid is not None else torch.ones(
+            b, self.compressed_slots, dtype=torch.bool, device=self.keys.device)
+        tail_len = self.physical_length - self.compressed_slots
+        if padding is None:
+            tail = torch.ones(b, tail_len, dtype=torch.bool, device=self.keys.device)
+        else:
+            tail = padding[:, self.compressed_length:self.compressed_length + tail_len].to(torch.bool)
+        return torch.cat([comp.to(self.keys.device), tail.to(self.keys.device)], dim=1)
+
+
+def layer_mask(valid: Tensor, query_length: int) -> Tensor:
+    """Boolean attention mask ``[B, 1, q, K]`` for one layer holding ``K`` entries, the last ``q`` new.
+
+    ``valid`` [B, K]: real entries (compressed slots, appended tokens, the new tokens); each new
+    token also sees only the new tokens up to itself.
+    """
+    k = valid.shape[1]
+    q = query_length
+    cols = torch.arange(k, device=valid.device)
+    rows = torch.arange(q, device=valid.device)
+    causal = cols[None, :] <= (k - q + rows)[:, None]  # [q, K]
+    return valid[:, None, None, :] & causal[None, None]
