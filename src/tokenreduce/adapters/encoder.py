@@ -28,12 +28,11 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
+from ..core.errors import NeverFiredError, StageError
 from ..core.method import EncoderInfo, EncoderMethod
 from ..core.stats import Stats, vit_attention_flops, vit_mlp_flops
 from ..core.tokens import TokenState
