@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
+from ..core.undo import Undo
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.kv import CompressedLayer, kv_bytes, layer_mask, select_kept
 from ..core.method import DecoderInfo, KVContext, KVMethod
@@ -147,7 +148,7 @@ class DecoderAttachment:
         self._flagged: "weakref.WeakSet[CompressedLayer]" = weakref.WeakSet()
         self._caches: "weakref.WeakSet[Cache]" = weakref.WeakSet()
         self._ran = False
-        self._undo: list[Callable[[], None]] = []
+        self._undo = Undo()
         self._backbone_sig = inspect.signature(backbone.forward)
         self._attach()
 
@@ -158,11 +159,11 @@ class DecoderAttachment:
                 raise StageError("this model already has tokenreduce methods attached; pass all methods to one apply()")
         try:
             for i, attn in enumerate(self.attns):
-                self._set_instance_attr(attn, _SLOT, (self, i))
-                self._set_instance_attr(attn, "_tokenreduce_impl", self.impl)
+                self._undo.set_instance_attr(attn, _SLOT, (self, i))
+                self._undo.set_instance_attr(attn, "_tokenreduce_impl", self.impl)
                 cfg = copy.copy(attn.config)  # shallow: only this module sees "tokenreduce"; masks stay the model's
                 cfg._attn_implementation_internal = IMPL
-                self._set_instance_attr(attn, "config", cfg)
+                self._undo.set_instance_attr(attn, "config", cfg)
                 h1 = attn.register_forward_pre_hook(partial(self._before_attention, i), with_kwargs=True)
                 h2 = attn.register_forward_hook(partial(self._after_attention, i), with_kwargs=True)
                 self._undo += [h1.remove, h2.remove]
@@ -173,23 +174,9 @@ class DecoderAttachment:
             self.remove()
             raise
 
-    def _set_instance_attr(self, obj, name, value):
-        had = name in obj.__dict__
-        old = obj.__dict__.get(name)
-        obj.__dict__[name] = value
-
-        def undo():
-            if had:
-                obj.__dict__[name] = old
-            else:
-                obj.__dict__.pop(name, None)
-
-        self._undo.append(undo)
-
     def remove(self):
         self._unflag()
-        while self._undo:
-            self._undo.pop()()
+        self._undo.run()
 
     def _unflag(self):
         for layer in list(self._flagged):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..core.undo import Undo
 from ..core.errors import NeverFiredError, StageError
 from ..core.method import EncoderInfo, EncoderMethod
 from ..core.stats import Stats, vit_attention_flops, vit_mlp_flops
@@ -95,7 +96,7 @@ class EncoderAttachment:
         self.signals: dict = {}
         self._probing: set | None = None  # signal names while a probe runs
         self._override: Tensor | None = None  # attention probabilities the current block must use
-        self._undo: list[Callable[[], None]] = []
+        self._undo = Undo()
         self._ran = False
         self._attach()
 
@@ -108,34 +109,20 @@ class EncoderAttachment:
         original = {}  # config id -> its implementation before we switched it (blocks share configs)
         try:
             for i, (block, attn) in enumerate(zip(self.blocks, attns)):
-                self._set_instance_attr(block, "forward", self._block_forward(i, block))
-                self._set_instance_attr(attn, _SLOT, (self, i))
+                self._undo.set_instance_attr(block, "forward", self._block_forward(i, block))
+                self._undo.set_instance_attr(attn, _SLOT, (self, i))
                 cfg = attn.config
                 if id(cfg) not in original:
                     original[id(cfg)] = impl = cfg._attn_implementation_internal
                     cfg._attn_implementation_internal = IMPL  # direct: the setter would recurse into sub-configs
                     self._undo.append(lambda c=cfg, v=impl: setattr(c, "_attn_implementation_internal", v))
-                self._set_instance_attr(attn, "_tokenreduce_impl", original[id(cfg)])
+                self._undo.set_instance_attr(attn, "_tokenreduce_impl", original[id(cfg)])
         except Exception:
             self.remove()
             raise
 
-    def _set_instance_attr(self, obj, name, value):
-        had = name in obj.__dict__
-        old = obj.__dict__.get(name)
-        obj.__dict__[name] = value
-
-        def undo():
-            if had:
-                obj.__dict__[name] = old
-            else:
-                obj.__dict__.pop(name, None)
-
-        self._undo.append(undo)
-
     def remove(self):
-        while self._undo:
-            self._undo.pop()()
+        self._undo.run()
 
     # ------------------------------------------------------------------ the forward
     def _block_forward(self, index: int, block: nn.Module):

@@ -32,3 +32,14 @@ def atomic_dir(target: Path, is_valid: Callable[[Path], bool]) -> Iterator[Path]
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_valid(path: Path, source_file: str, converter_version: int, files: tuple[str, ...]) -> bool:
+    """A cache folder counts only if its converter version matches and its files are all there."""
+    import json
+
+    try:
+        meta = json.loads((path / source_file).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("converter_version") == converter_version and all((path / f).is_file() for f in files)

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cache import atomic_dir
+from .cache import atomic_dir, cache_valid
 
 __all__ = [
     "DINOV2_MEAN",
@@ -247,15 +247,7 @@ def _convert_to(target: Path) -> None:
 
 
 def _cache_valid(path: Path) -> bool:
-    try:
-        meta = json.loads((path / _SOURCE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        meta.get("converter_version") == _CONVERTER_VERSION
-        and (path / "config.json").is_file()
-        and (path / "model.safetensors").is_file()
-    )
+    return cache_valid(path, _SOURCE_FILE, _CONVERTER_VERSION, ("config.json", "model.safetensors"))
 
 
 def load_dinov2_small(

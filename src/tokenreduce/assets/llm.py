@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .cache import atomic_dir
+from .cache import atomic_dir, cache_valid
 
 from .dinov2 import _quiet_transformers, default_cache_dir
 
@@ -123,16 +123,7 @@ def gemma3_cache_path(cache_dir: str | Path | None = None) -> Path:
 
 
 def _cache_valid(path: Path) -> bool:
-    try:
-        meta = json.loads((path / _SOURCE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        meta.get("converter_version") == _CONVERTER_VERSION
-        and (path / "config.json").is_file()
-        and (path / "model.safetensors").is_file()
-        and (path / "tokenizer_config.json").is_file()
-    )
+    return cache_valid(path, _SOURCE_FILE, _CONVERTER_VERSION, ("config.json", "model.safetensors", "tokenizer_config.json"))
 
 
 def _version(dist: str) -> str | None:
