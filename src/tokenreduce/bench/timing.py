@@ -127,6 +127,13 @@ class Timing:
                 f"{prefix}mem_kind": self.mem_kind}
 
 
+def _check_counts(repeats: int, items: int) -> None:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if items < 1:
+        raise ValueError(f"items must be >= 1, got {items}")
+
+
 def measure_throughput(fn: Callable[[], object], items: int, repeats: int = 3, warmup: int = 1,
                        device: str | torch.device = "cpu", measure_memory: bool = True,
                        interval: float = 0.002) -> Timing:
@@ -134,10 +141,7 @@ def measure_throughput(fn: Callable[[], object], items: int, repeats: int = 3, w
 
     ``items``: how many items one call processes (the batch size), for items/s.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if items < 1:
-        raise ValueError(f"items must be >= 1, got {items}")
+    _check_counts(repeats, items)
     device = torch.device(device)
     for _ in range(warmup):
         fn()
@@ -189,10 +193,7 @@ def measure_paired(reference: Callable[[], object], candidate: Callable[[], obje
     the same conditions. Memory is tracked for both, separately. ``reference_warmup`` is 0 by
     default because the reference is usually warm already (timed earlier in the run).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if items < 1:
-        raise ValueError(f"items must be >= 1, got {items}")
+    _check_counts(repeats, items)
     device = torch.device(device)
     for _ in range(reference_warmup):
         reference()
