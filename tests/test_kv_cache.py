@@ -10,7 +10,7 @@ from transformers import DynamicCache, StaticCache
 import tokenreduce as tr
 from tokenreduce.core.kv import CompressedLayer
 
-KV_METHODS = {"snapkv": dict(window_size=4), "streaming_llm": {}, "tova": {}, "knorm": {}, "kv_random": {}}
+KV_METHODS = {"snapkv": dict(window_size=4), "streaming_llm": {}, "tova": {}, "knorm": {}, "kv_random": {}, "h2o": {}}
 
 
 def method(name, **budget):

@@ -46,7 +46,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 from ..core.undo import Undo
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.kv import CompressedLayer, kv_bytes, layer_mask, select_kept
-from ..core.method import DecoderInfo, KVContext, KVMethod
+from ..core.method import DecoderInfo, EvictionContext, KVContext, KVMethod
 from ..core.stats import Stats
 from .encoder import _SLOT, IMPL, _original
 
@@ -102,6 +102,11 @@ class _LayerState:
     window_rows: Tensor | None = None  # [B]
     rows: int = 0
     window: Tensor | None = None
+    accumulate: bool = False  # sum every real query row's attention (prefill of H2O / Keyformer)
+    evict: bool = False  # a decoding forward of a layer the method keeps at its budget
+    row_valid: Tensor | None = None  # [B, q] real query rows of this forward
+    accumulated: Tensor | None = None  # [B, H, K]
+    step: int = 0  # 0 at prefill, t at the t-th decoding forward
 
 
 class DecoderAttachment:
@@ -223,7 +228,14 @@ class DecoderAttachment:
         li = module.layer_idx
         layer = cache.layers[li] if isinstance(cache, Cache) and li < len(cache.layers) else None
         m = self.method
-        if q <= 1 or index not in self.info.compressible or m.reduces_nothing:
+        if index not in self.info.compressible or m.reduces_nothing:
+            return
+        if isinstance(layer, CompressedLayer) and layer.state is not None and m.evicts_during_decode \
+                and index in self.compressible:  # decoding under a budget: append, attend, evict back to it
+            st.evict, st.step = True, layer.steps + 1
+            st.row_valid = self._row_validity(batch, layer.get_seq_length() + q, q, hidden.device)
+            return
+        if q <= 1:
             return
         if cache is None:
             raise StageError(f"{m!r} compresses the KV cache, but this forward runs without one; call the model "
@@ -234,16 +246,26 @@ class DecoderAttachment:
         past = layer.get_seq_length() if layer is not None and layer.is_initialized else 0
         st.valid = self._validity(kwargs.get("attention_mask"), batch, past + q, hidden.device)
         st.lengths = st.valid.sum(-1)
-        budgets = m.budgets(st.lengths)  # BudgetError at the first full layer, before it touches the cache
-        if index == self.info.compressible[0]:
+        if index == self.info.compressible[0]:  # every layer's budget, before the first layer touches the cache
+            self._budgets = {i: m.layer_budgets(st.lengths, i) for i in self.compressible}
             self.stats = Stats(batch_size=batch)
         if index not in self.compressible:
             st.keep_all, st.budgets = True, st.lengths
             return
-        st.budgets = budgets
+        st.budgets = self._budgets.get(index)
+        if st.budgets is None:
+            st.budgets = m.layer_budgets(st.lengths, index)
+        if m.accumulates:
+            st.accumulate, st.row_valid = True, st.valid[:, past:]
         st.window_rows = torch.tensor([m.query_rows(int(n)) for n in st.lengths.tolist()], dtype=torch.long)
         st.rows = int(st.window_rows.max())
         st.compress = True
+
+    def _row_validity(self, batch: int, length: int, q: int, device) -> Tensor:
+        """Real query rows [B, q] of a forward that ends at logical ``length``."""
+        if self._padding is not None and self._padding.shape[1] == length:
+            return self._padding[:, length - q:].to(device)
+        return torch.ones(batch, q, dtype=torch.bool, device=device)
 
     def _validity(self, mask4d, batch: int, length: int, device) -> Tensor:
         """Real (non-padding) entries [B, length] of a layer holding ``length`` uncompressed entries."""
@@ -266,6 +288,9 @@ class DecoderAttachment:
             mask = self._own_mask(module, query, key, mask, st.cache.layers[module.layer_idx])
         if st is not None and st.compress and st.rows > 0:
             st.window = window_attention(query, key, mask, kwargs.get("scaling"), st.rows)
+        if st is not None and (st.accumulate or st.evict):
+            st.accumulated = accumulated_attention(query, key, mask, kwargs.get("scaling"), st.row_valid,
+                                                   partial(self.method.row_weights, step=st.step))
         return impl(module, query, key, value, mask, **kwargs)
 
     def _own_mask(self, module, query, key, mask, layer):
@@ -297,6 +322,8 @@ class DecoderAttachment:
 
     def _after_attention(self, index: int, module, args, kwargs, output):
         st = self._state.pop(index, None)
+        if st is not None and st.evict:
+            self._evict(index, st, module.layer_idx)
         if st is None or not (st.compress or st.keep_all):
             return output
         cache, li = st.cache, module.layer_idx
@@ -311,10 +338,16 @@ class DecoderAttachment:
             scores = torch.arange(n, device=keys.device, dtype=torch.float32)[None, None]
         else:
             ctx = KVContext(layer=index, keys=keys, values=values, valid=st.valid, rank=rank, lengths=st.lengths,
-                            budgets=st.budgets, window=st.window, window_rows=st.window_rows, info=self.info)
+                            budgets=st.budgets, window=st.window, window_rows=st.window_rows, info=self.info,
+                            accumulated=st.accumulated)
             scores = self.method.score(ctx)
         kept = select_kept(scores.expand(b, h, n), st.valid, st.budgets)
         new = CompressedLayer.compress(layer, kept)
+        if self.method.evicts_during_decode and st.compress:  # carry the accumulated scores into decoding
+            g = self.info.num_groups
+            idx = kept.repeat_interleave(g, dim=1)
+            new.state = st.accumulated.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0)
+            new.budget = st.budgets.clone()
         new.masked_by = self  # this forward goes on with our masks
         self._flagged.add(new)
         cache.layers[li] = new
@@ -329,6 +362,33 @@ class DecoderAttachment:
         if st.compress:
             s.scoring_flops += self.method.scoring_flops(int(st.lengths.float().mean()), st.rows, self.info)
         return output
+
+    def _evict(self, index: int, st: _LayerState, li: int) -> None:
+        """After a decoding forward: add its attention to the slots' scores and evict back to the budget."""
+        cache = st.cache
+        layer = cache.layers[li]
+        p, b = layer.physical_length, layer.keys.shape[0]
+        old = layer.state
+        state = torch.cat([old, old.new_zeros(*old.shape[:2], p - old.shape[-1])], dim=-1) + st.accumulated
+        valid = layer.cache_validity(self._padding)
+        layer.steps = st.step
+        if bool((valid.sum(-1) <= layer.budget.to(valid.device)).all()):
+            layer.state = state
+            return
+        position = layer.slot_positions()
+        age = torch.where(position >= 0, layer.cumulative_length - 1 - position, torch.iinfo(torch.long).max)
+        ctx = EvictionContext(layer=index, state=state, age=age, valid=valid, budgets=layer.budget, step=st.step,
+                              info=self.info)
+        scores = self.method.evict_score(ctx)
+        kept = select_kept(scores.expand(b, layer.keys.shape[1], p), valid, layer.budget)
+        new = layer.recompress(kept, state)
+        new.masked_by = self
+        self._flagged.add(new)
+        cache.layers[li] = new
+        self._caches.add(cache)
+        s = self.stats
+        s.kv_decode_steps = max(s.kv_decode_steps, st.step)
+        s.kv_decode_slots = max(s.kv_decode_slots, new.physical_length)
 
     def check_ran(self):
         """Called after the model's forward: its decoder layers must have run through our modules."""
@@ -359,6 +419,42 @@ def _mark_uniform(cache: Cache) -> None:
             l.uniform = len(lengths) <= 1
 
 
+def accumulated_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, row_valid: Tensor,
+                          weights, chunk: int = 256) -> Tensor:
+    """``weights(logits)`` of every real query row, summed over rows: ``[B, H, K]`` (float32 or float64).
+
+    Computed from Q and K in chunks of ``chunk`` rows, so memory stays ``B H chunk K`` and the
+    model's own attention (SDPA) is untouched. ``row_valid`` [B, q]: padding rows add nothing.
+    """
+    q = query.shape[-2]
+    total = None
+    for lo in range(0, q, chunk):
+        hi = min(q, lo + chunk)
+        w = weights(_row_logits(query, key, mask, scaling, lo, hi))
+        w = torch.nan_to_num(w, nan=0.0).masked_fill(~row_valid[:, None, lo:hi, None].to(w.device), 0.0)
+        total = w.sum(2) if total is None else total + w.sum(2)
+    return total
+
+
+def _row_logits(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, lo: int, hi: int) -> Tensor:
+    """Scaled, masked logits ``[B, H, hi - lo, K]`` of query rows ``lo:hi`` (``-inf`` where not attended)."""
+    b, h, q, d = query.shape
+    hk, k = key.shape[1], key.shape[-2]
+    g, r = h // hk, hi - lo
+    scale = scaling if scaling is not None else d ** -0.5
+    dt = torch.promote_types(query.dtype, torch.float32)
+    qw = query[:, :, lo:hi].to(dt).reshape(b, hk, g * r, d)
+    logits = (qw @ key.to(dt).transpose(-1, -2)).reshape(b, h, r, k) * scale
+    if mask is None:
+        cols = torch.arange(k, device=key.device)
+        allowed = cols[None, :] <= (k - q + torch.arange(lo, hi, device=key.device))[:, None]
+        return logits.masked_fill(~allowed, float("-inf"))
+    m = mask[..., mask.shape[-2] - q + lo:mask.shape[-2] - q + hi, :]
+    if m.dtype == torch.bool:
+        return logits.masked_fill(~m, float("-inf"))
+    return (logits + m.to(dt)).masked_fill(m <= torch.finfo(m.dtype).min, float("-inf"))
+
+
 def window_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, rows: int) -> Tensor:
     """Softmax rows ``[B, H, rows, K]`` (float32, float64 for a float64 model) of the last ``rows`` queries.
 
@@ -367,18 +463,4 @@ def window_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: f
     ``mask``: the layer's attention mask (bool: True attends; float: additive) or None for
     a plain causal prefill.
     """
-    b, h, q, d = query.shape
-    hk, k = key.shape[1], key.shape[-2]
-    g = h // hk
-    scale = scaling if scaling is not None else d ** -0.5
-    dt = torch.promote_types(query.dtype, torch.float32)
-    qw = query[:, :, q - rows:].to(dt).reshape(b, hk, g * rows, d)
-    logits = (qw @ key.to(dt).transpose(-1, -2)).reshape(b, h, rows, k) * scale
-    if mask is None:
-        cols = torch.arange(k, device=key.device)
-        allowed = cols[None, :] <= (k - rows + torch.arange(rows, device=key.device))[:, None]
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    else:
-        m = mask[..., mask.shape[-2] - rows:, :]
-        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.to(dt)
-    return logits.softmax(-1)
+    return _row_logits(query, key, mask, scaling, query.shape[-2] - rows, query.shape[-2]).softmax(-1)

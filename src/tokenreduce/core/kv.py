@@ -86,6 +86,11 @@ class CompressedLayer(DynamicLayer):
         self.slot_valid = slot_valid
         self.uniform = True  # same physical length as every other layer of its cache (set by the attachment)
         self.masked_by = None  # the attachment that builds this layer's masks during the current forward
+        # decode-time eviction (H2O, Keyformer): the per-slot score a method accumulates ([B, H, P] per query
+        # head, float32), the entries each sample may hold between steps ([B]) and the decoding forwards so far
+        self.state: Tensor | None = None
+        self.budget: Tensor | None = None
+        self.steps = 0
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -100,6 +105,33 @@ class CompressedLayer(DynamicLayer):
         valid = kept[:, 0] >= 0  # every head keeps the same count per sample
         slot_valid = None if bool(valid.all()) else valid
         return CompressedLayer(new_k.contiguous(), new_v.contiguous(), layer.get_seq_length(), kept, slot_valid)
+
+    def slot_positions(self) -> Tensor:
+        """Logical position ``[B, H_kv, P]`` of every physical slot (``-1`` for a padded slot)."""
+        b, h = self.keys.shape[:2]
+        tail = torch.arange(self.compressed_length, self.compressed_length + self.physical_length - self.compressed_slots,
+                            device=self.keys.device)
+        return torch.cat([self.kept.to(self.keys.device), tail.expand(b, h, -1)], dim=-1)
+
+    def recompress(self, kept: Tensor, state: Tensor | None = None) -> "CompressedLayer":
+        """Keep ``kept`` [B, H_kv, M] physical slots (ascending, ``-1`` = padded) of this layer: decode-time eviction.
+
+        ``state`` [B, H, P] (per query head) is gathered with the slots; the budget carries over.
+        """
+        b, h, p, _ = self.keys.shape
+        red = Reduction.keep(kept.reshape(b * h, -1), p)
+        m = kept.shape[-1]
+        gather = lambda t: red.apply(t.reshape(b * h, p, t.shape[-1])).reshape(b, h, m, t.shape[-1]).contiguous()
+        positions = self.slot_positions().gather(-1, kept.clamp_min(0)).masked_fill(kept < 0, -1)
+        valid = kept[:, 0] >= 0
+        new = CompressedLayer(gather(self.keys), gather(self.values), self.cumulative_length, positions,
+                              None if bool(valid.all()) else valid)
+        if state is not None:
+            g = state.shape[1] // h
+            idx = kept.repeat_interleave(g, dim=1)
+            new.state = state.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0)
+        new.budget, new.steps = self.budget, self.steps
+        return new
 
     # ------------------------------------------------------------------ Cache API
     @property
@@ -141,8 +173,8 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.cumulative_length = self.compressed_length = self.compressed_slots = 0
-        self.kept, self.slot_valid, self.uniform = None, None, True
+        self.cumulative_length = self.compressed_length = self.compressed_slots = self.steps = 0
+        self.kept, self.slot_valid, self.uniform, self.state, self.budget = None, None, True, None, None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:  # legacy form: the length to keep
@@ -155,6 +187,8 @@ class CompressedLayer(DynamicLayer):
             raise StageError(f"cannot crop {n} tokens from a compressed cache layer: only the {appended} tokens "
                              "appended after compression can be removed; the compressed entries are not in order")
         self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+        if self.state is not None:
+            self.state = self.state[..., :-n]
         self.cumulative_length -= n
 
     def _index_batch(self, fn) -> None:
@@ -162,8 +196,9 @@ class CompressedLayer(DynamicLayer):
             self.keys, self.values = fn(self.keys), fn(self.values)
         if self.kept is not None:
             self.kept = fn(self.kept)
-        if self.slot_valid is not None:
-            self.slot_valid = fn(self.slot_valid)
+        for name in ("slot_valid", "state", "budget"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))

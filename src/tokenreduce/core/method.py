@@ -169,6 +169,24 @@ class KVContext:
     window: Tensor | None  # [B, H, W, N] float32 softmax rows of the last W queries (W = max over query_rows)
     window_rows: Tensor | None  # [B] rows of ``window`` that belong to each sample (its last ones)
     info: DecoderInfo
+    accumulated: Tensor | None = None  # [B, H, N] float32: every real query row's `row_weights` summed (H2O, Keyformer)
+
+
+@dataclass
+class EvictionContext:
+    """One layer's cache during decoding, after a step appended its entries (decode-time eviction).
+
+    Slots are physical (``P`` = the budget's slots + the new entries), in ascending logical
+    position; ``age`` 0 is the newest entry.
+    """
+
+    layer: int
+    state: Tensor  # [B, H, P] float32 accumulated score per query head (the method's `row_weights` summed)
+    age: Tensor  # [B, H_kv, P] long: logical_length - 1 - position; huge for a padded slot
+    valid: Tensor  # [B, P] bool
+    budgets: Tensor  # [B] entries each sample keeps
+    step: int  # decoding forwards so far, this one included (1 = the first after prefill)
+    info: DecoderInfo
 
 
 class KVMethod(Method):
@@ -182,6 +200,8 @@ class KVMethod(Method):
     """
 
     stage: ClassVar[str] = "kv-cache"
+    accumulates: ClassVar[bool] = False  # needs every prefill query row (``ctx.accumulated``), not only the last ones
+    evicts_during_decode: ClassVar[bool] = False  # keeps the cache at its budget while generating (`evict_score`)
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
         from .errors import BudgetError
@@ -229,6 +249,20 @@ class KVMethod(Method):
         """Scores ``[B, H_kv or 1, N]``: higher is kept; ``+inf`` forces an entry in."""
         raise NotImplementedError
 
+    def layer_budgets(self, lengths: Tensor, layer: int) -> Tensor:
+        """Entries kept per sample at ``layer`` (the same at every layer unless a method, e.g. PyramidKV, says so)."""
+        return self.budgets(lengths)
+
     def scoring_flops(self, length: int, rows: int, info: DecoderInfo) -> float:
         """FLOPs of scoring one layer (batch of one), beyond the model's own prefill."""
         return 0.0
+
+    # ------------------------------------------------ accumulated attention / decode-time eviction (optional)
+    def row_weights(self, logits: Tensor, step: int) -> Tensor:
+        """What one query row contributes to ``accumulated``, from its masked logits ``[B, H, r, K]`` (float32,
+        ``-inf`` masked). ``step`` 0 is the prefill, ``t`` the t-th decoding forward. Default: softmax."""
+        return logits.softmax(-1)
+
+    def evict_score(self, ctx: EvictionContext) -> Tensor:
+        """Scores ``[B, H_kv or 1, P]`` of the slots after a decoding step; the top ``budgets`` stay."""
+        raise NotImplementedError

@@ -36,6 +36,9 @@ class Stats:
     kv_slots_per_layer: list[int] = field(default_factory=list)  # physical slots after compression (padding included)
     kv_bytes_before_per_layer: list[int] = field(default_factory=list)  # keys + values of the whole batch, as stored
     kv_bytes_after_per_layer: list[int] = field(default_factory=list)
+    # decode-time eviction (H2O, Keyformer): decoding forwards seen and the most slots a layer held after one
+    kv_decode_steps: int = 0
+    kv_decode_slots: int = 0
 
     @property
     def flops_ratio(self) -> float:
