@@ -147,6 +147,7 @@ class DecoderAttachment:
         self.impl = impl
         self.stats = Stats()
         self._state: dict[int, _LayerState] = {}
+        self._budgets: dict[int, Tensor] = {}  # per-layer budgets of the running prefill
         self._padding: Tensor | None = None  # 2-D padding mask of the running forward (bool), None = no padding
         self._custom_mask = False  # the caller passed a ready 4-D mask
         self._has_compressed = False  # the running forward's cache already holds compressed layers
@@ -247,14 +248,15 @@ class DecoderAttachment:
         st.valid = self._validity(kwargs.get("attention_mask"), batch, past + q, hidden.device)
         st.lengths = st.valid.sum(-1)
         if index == self.info.compressible[0]:  # every layer's budget, before the first layer touches the cache
-            self._budgets = {i: m.layer_budgets(st.lengths, i) for i in self.compressible}
+            self._budgets = {i: m.layer_budgets(st.lengths, i, self.info) for i in self.compressible}
             self.stats = Stats(batch_size=batch)
+            m.begin_prefill()
         if index not in self.compressible:
             st.keep_all, st.budgets = True, st.lengths
             return
         st.budgets = self._budgets.get(index)
-        if st.budgets is None:
-            st.budgets = m.layer_budgets(st.lengths, index)
+        if st.budgets is None:  # the first compressible layer did not run in this forward (a truncated model)
+            st.budgets = m.layer_budgets(st.lengths, index, self.info)
         if m.accumulates:
             st.accumulate, st.row_valid = True, st.valid[:, past:]
         st.window_rows = torch.tensor([m.query_rows(int(n)) for n in st.lengths.tolist()], dtype=torch.long)

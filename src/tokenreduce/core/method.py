@@ -249,9 +249,12 @@ class KVMethod(Method):
         """Scores ``[B, H_kv or 1, N]``: higher is kept; ``+inf`` forces an entry in."""
         raise NotImplementedError
 
-    def layer_budgets(self, lengths: Tensor, layer: int) -> Tensor:
+    def layer_budgets(self, lengths: Tensor, layer: int, info: DecoderInfo) -> Tensor:
         """Entries kept per sample at ``layer`` (the same at every layer unless a method, e.g. PyramidKV, says so)."""
         return self.budgets(lengths)
+
+    def begin_prefill(self) -> None:
+        """Called once per compressed prefill, before its first layer (e.g. to reseed a noise generator)."""
 
     def scoring_flops(self, length: int, rows: int, info: DecoderInfo) -> float:
         """FLOPs of scoring one layer (batch of one), beyond the model's own prefill."""

@@ -1,3 +1,4 @@
 """One module per published method. Importing this package registers them all."""
 
-from . import baselines, dymu, evit, h2o, knorm, kv_random, mctf, snapkv, streaming_llm, token_transforming, tome, tova  # noqa: F401
+from . import a2ats  # noqa: F401
+from . import baselines, dymu, evit, h2o, keyformer, knorm, kv_random, mctf, pyramidkv, snapkv, streaming_llm, token_transforming, tome, tova  # noqa: F401
