@@ -66,6 +66,10 @@ class H2O(KVMethod):
         """Recent-window size per sample [B]."""
         return torch.floor(budgets.to(torch.float64) * self.recent_fraction + 1e-9).to(torch.long)
 
+    def query_head_scores(self, ctx: KVContext) -> Tensor:
+        """[B, H, N] accumulated attention per query head."""
+        return ctx.accumulated
+
     def score(self, ctx: KVContext) -> Tensor:
         heavy = group_mean(ctx.accumulated, ctx.keys.shape[1])
         recent = (ctx.lengths - self.recent(ctx.budgets)).to(ctx.rank.device)

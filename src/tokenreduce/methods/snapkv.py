@@ -64,22 +64,30 @@ class SnapKV(KVMethod):
     def query_rows(self, length: int) -> int:
         return max(0, min(self.window_size, length - 1))
 
-    def score(self, ctx: KVContext) -> Tensor:
+    def window(self, ctx: KVContext) -> Tensor:
+        """[B, N] the observation window of each sample (its last ``window_rows`` real entries): always kept."""
+        rows = ctx.window_rows.to(ctx.rank.device)
+        return ctx.valid & (ctx.rank >= (ctx.lengths.to(ctx.rank.device) - rows)[:, None])
+
+    def query_head_scores(self, ctx: KVContext) -> Tensor:
+        """[B, H, N] the window's mean attention to each prefix entry, pooled along the sequence, per query head."""
         probs, rows = ctx.window, ctx.window_rows.to(ctx.keys.device)
         b, h, w, n = probs.shape
         mine = torch.arange(w, device=probs.device)[None, :] >= (w - rows)[:, None]  # [B, W] the sample's window rows
         mean = torch.where(mine[:, None, :, None], probs, 0.0).sum(2) / rows.clamp_min(1)[:, None, None]  # [B, H, N]
-        prefix = ctx.valid & (ctx.rank < (ctx.lengths.to(ctx.rank.device) - rows)[:, None])  # [B, N]
+        prefix = ctx.valid & ~self.window(ctx)
         mean = torch.where(prefix[:, None, :], mean, 0.0)
         pad = self.kernel_size // 2
         if self.pooling == "avgpool":
-            pooled = F.avg_pool1d(mean, self.kernel_size, stride=1, padding=pad)
-        else:
-            pooled = F.max_pool1d(mean, self.kernel_size, stride=1, padding=pad)
+            return F.avg_pool1d(mean, self.kernel_size, stride=1, padding=pad)
+        return F.max_pool1d(mean, self.kernel_size, stride=1, padding=pad)
+
+    def score(self, ctx: KVContext) -> Tensor:
+        pooled = self.query_head_scores(ctx)
+        b, h, n = pooled.shape
         hk = ctx.keys.shape[1]
         pooled = pooled.reshape(b, hk, h // hk, n).mean(2)  # GQA: average the group's query heads
-        window = ctx.valid & ~prefix
-        return torch.where(window[:, None, :], float("inf"), pooled)
+        return torch.where(self.window(ctx)[:, None, :], float("inf"), pooled)
 
     def scoring_flops(self, length: int, rows: int, info: DecoderInfo) -> float:
         """The window rows' Q K^T (the model's prefill does the rest) plus softmax and pooling."""

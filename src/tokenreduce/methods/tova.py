@@ -30,6 +30,10 @@ class TOVA(KVMethod):
     def query_rows(self, length: int) -> int:
         return 1
 
+    def query_head_scores(self, ctx: KVContext) -> Tensor:
+        """[B, H, N] the last query's attention per query head."""
+        return ctx.window[:, :, -1, :]
+
     def score(self, ctx: KVContext) -> Tensor:
         return ctx.window[:, :, -1, :].mean(1, keepdim=True)  # [B, 1, N], the same for every KV head
 
