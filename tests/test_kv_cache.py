@@ -330,3 +330,23 @@ def test_unsupported_models_and_caches():
     eager = tiny_lm("llama", attn="flex_attention")
     with pytest.raises(tr.UnsupportedModelError, match="attn_implementation='sdpa'"):
         tr.patch(eager, tr.get_method("tova", keep_ratio=0.5))
+
+
+def test_gemma3_compresses_its_global_layers_only():
+    """Gemma 3's sliding-window layers keep their own bounded cache; the global layers (every 6th) are compressed,
+    and a padded batch still generates as one at a time, also with decode-time eviction."""
+    model = tiny_lm("gemma3", layers=6)
+    prompts = [prompt(n, seed=i)[0] for i, n in enumerate(LENGTHS)]
+    ids, mask = left_pad(prompts)
+    for name in ("snapkv", "h2o"):
+        with torch.no_grad(), tr.apply(model, method(name, keep_ratio=0.5)) as h:
+            cache = DynamicCache(config=model.config)
+            out = greedy(model, ids, mask, past_key_values=cache)
+            assert h.stats.kv_layers == [5]
+            singles = [greedy(model, p[None])[0] for p in prompts]
+        kinds = [type(layer).__name__ for layer in cache.layers]
+        assert kinds == ["DynamicSlidingWindowLayer"] * 5 + ["CompressedLayer"]
+        assert all(torch.equal(out[i], singles[i]) for i in range(4)), name
+    with torch.no_grad():
+        plain = greedy(model, ids, mask)
+    assert not torch.equal(plain, out)

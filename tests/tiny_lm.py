@@ -20,6 +20,8 @@ def tiny_lm(arch: str = "llama", attn: str = "sdpa", layers: int = 2, dtype=torc
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=16)),
         "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**common)),
+        # every 6th layer is global, the others slide over 8 tokens
+        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8)),
     }
     model = builders[arch]()
     model.config._attn_implementation = attn

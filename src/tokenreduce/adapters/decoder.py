@@ -69,9 +69,12 @@ QWEN2 = DecoderFamily("qwen2", ("Qwen2Model",), ("Qwen2Attention",))
 QWEN3 = DecoderFamily("qwen3", ("Qwen3Model",), ("Qwen3Attention",))  # q/k norms: we see Q and K after them
 MISTRAL = DecoderFamily("mistral", ("MistralModel",), ("MistralAttention",))
 PHI3 = DecoderFamily("phi3", ("Phi3Model",), ("Phi3Attention",))  # fused qkv projection: irrelevant here
+# Gemma 3: five sliding-window layers to one global layer; only the global layers are compressed. Its attention
+# scale (query_pre_attn_scalar) reaches our function as ``scaling``, its q/k norms come before, as Qwen3's.
+GEMMA3 = DecoderFamily("gemma3", ("Gemma3TextModel",), ("Gemma3Attention",))
 
-DECODER_FAMILIES: tuple[DecoderFamily, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, PHI3)
-SUPPORTED_DECODERS = "Llama (SmolLM2), Qwen2, Qwen3, Mistral, Phi3 (*ForCausalLM or the bare *Model)"
+DECODER_FAMILIES: tuple[DecoderFamily, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA3)
+SUPPORTED_DECODERS = "Llama (SmolLM2), Qwen2, Qwen3, Mistral, Phi3, Gemma3 (*ForCausalLM or the bare *Model)"
 
 
 def find_decoder(model: nn.Module) -> tuple[DecoderFamily, nn.Module]:
