@@ -33,6 +33,7 @@ bound their cache — and a model without any full-attention layer is refused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -102,14 +103,13 @@ class _LayerState:
     valid: Tensor | None = None  # [B, N] real entries of the layer after this forward's update
     lengths: Tensor | None = None
     budgets: Tensor | None = None
-    window_rows: Tensor | None = None  # [B]
-    rows: int = 0
-    window: Tensor | None = None
-    accumulate: bool = False  # sum every real query row's attention (prefill of H2O / Keyformer)
+    query: Tensor | None = None  # post-RoPE queries of this forward, the mask and scale its attention used
+    mask: Tensor | None = None
+    scaling: float | None = None
     evict: bool = False  # a decoding forward of a layer the method keeps at its budget
     row_valid: Tensor | None = None  # [B, q] real query rows of this forward
     accumulated: Tensor | None = None  # [B, H, K]
-    step: int = 0  # 0 at prefill, t at the t-th decoding forward
+    step: int = 0  # t at the t-th decoding forward
 
 
 class DecoderAttachment:
@@ -151,6 +151,7 @@ class DecoderAttachment:
         self.stats = Stats()
         self._state: dict[int, _LayerState] = {}
         self._budgets: dict[int, Tensor] = {}  # per-layer budgets of the running prefill
+        self.recording: dict[int, _LayerState] | None = None  # set by `prefill_once`: record, do not compress
         self._padding: Tensor | None = None  # 2-D padding mask of the running forward (bool), None = no padding
         self._custom_mask = False  # the caller passed a ready 4-D mask
         self._has_compressed = False  # the running forward's cache already holds compressed layers
@@ -260,10 +261,6 @@ class DecoderAttachment:
         st.budgets = self._budgets.get(index)
         if st.budgets is None:  # the first compressible layer did not run in this forward (a truncated model)
             st.budgets = m.layer_budgets(st.lengths, index, self.info)
-        if m.accumulates:
-            st.accumulate, st.row_valid = True, st.valid[:, past:]
-        st.window_rows = torch.tensor([m.query_rows(int(n)) for n in st.lengths.tolist()], dtype=torch.long)
-        st.rows = int(st.window_rows.max())
         st.compress = True
 
     def _row_validity(self, batch: int, length: int, q: int, device) -> Tensor:
@@ -291,9 +288,9 @@ class DecoderAttachment:
         mask = attention_mask
         if st is not None and self._has_compressed and isinstance(st.cache, Cache) and index in self.info.compressible:
             mask = self._own_mask(module, query, key, mask, st.cache.layers[module.layer_idx])
-        if st is not None and st.compress and st.rows > 0:
-            st.window = window_attention(query, key, mask, kwargs.get("scaling"), st.rows)
-        if st is not None and (st.accumulate or st.evict):
+        if st is not None and (st.compress or self.recording is not None):  # scored after the layer, from these
+            st.query, st.mask, st.scaling = query, mask, kwargs.get("scaling")
+        if st is not None and st.evict:
             st.accumulated = accumulated_attention(query, key, mask, kwargs.get("scaling"), st.row_valid,
                                                    partial(self.method.row_weights, step=st.step))
         return impl(module, query, key, value, mask, **kwargs)
@@ -333,39 +330,17 @@ class DecoderAttachment:
             return output
         cache, li = st.cache, module.layer_idx
         layer = cache.layers[li]
-        keys, values = layer.keys, layer.values
-        n = keys.shape[-2]
-        if st.valid.shape[1] != n:
-            raise StageError(f"layer {li} holds {n} entries after prefill, expected {st.valid.shape[1]}")
-        rank = torch.where(st.valid, st.valid.long().cumsum(-1) - 1, torch.full_like(st.valid, -1, dtype=torch.long))
-        b, h = keys.shape[:2]
-        if st.keep_all:  # everything real, in order (only columns that are padding in every sample go)
-            scores = torch.arange(n, device=keys.device, dtype=torch.float32)[None, None]
-        else:
-            ctx = KVContext(layer=index, keys=keys, values=values, valid=st.valid, rank=rank, lengths=st.lengths,
-                            budgets=st.budgets, window=st.window, window_rows=st.window_rows, info=self.info,
-                            accumulated=st.accumulated)
-            scores = self.method.score(ctx)
-        kept = select_kept(scores.expand(b, h, n), st.valid, st.budgets)
-        new = CompressedLayer.compress(layer, kept)
-        if self.method.evicts_during_decode and st.compress:  # carry the accumulated scores into decoding
-            g = self.info.num_groups
-            idx = kept.repeat_interleave(g, dim=1)
-            new.state = st.accumulated.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0)
-            new.budget = st.budgets.clone()
+        if st.valid.shape[1] != layer.keys.shape[-2]:
+            raise StageError(f"layer {li} holds {layer.keys.shape[-2]} entries after prefill, expected {st.valid.shape[1]}")
+        if self.recording is not None:  # prefill once for several methods: keep what scoring needs, compress nothing
+            self.recording[index] = st
+            return output
+        new, rows = compress_layer(self.method, self.info, index, layer, st, keep_all=st.keep_all)
         new.masked_by = self  # this forward goes on with our masks
         self._flagged.add(new)
         cache.layers[li] = new
         self._caches.add(cache)
-        s = self.stats
-        s.kv_layers.append(li)
-        s.kv_entries_per_layer.append(float(st.lengths.float().mean()))
-        s.kv_kept_per_layer.append(float(st.budgets.float().mean()))
-        s.kv_slots_per_layer.append(new.physical_length)
-        s.kv_bytes_before_per_layer.append(kv_bytes(layer))
-        s.kv_bytes_after_per_layer.append(kv_bytes(new))
-        if st.compress:
-            s.scoring_flops += self.method.scoring_flops(int(st.lengths.float().mean()), st.rows, self.info)
+        record_compression(self.stats, self.method, self.info, li, layer, new, st, rows)
         return output
 
     def _evict(self, index: int, st: _LayerState, li: int) -> None:
@@ -402,6 +377,116 @@ class DecoderAttachment:
                                   f"{self.method.name} never fired; call the causal LM (or its decoder) the method is "
                                   "attached to")
         self._ran = False
+
+
+def compress_layer(method: KVMethod, info: DecoderInfo, index: int, layer: DynamicLayer, st: _LayerState,
+                   keep_all: bool = False) -> tuple[CompressedLayer, int]:
+    """``layer`` at the end of a prefill, compressed by ``method``: (the new layer, window rows scored).
+
+    ``st`` holds the prefill's real entries, budgets, and the post-RoPE queries, mask and scale
+    its attention used; the method's signals (window rows, accumulated attention) are computed
+    here from those and the layer's keys. ``keep_all``: a layer the method skips, kept whole.
+    """
+    keys, values = layer.keys, layer.values
+    b, h, n = keys.shape[:3]
+    valid = st.valid
+    rank = torch.where(valid, valid.long().cumsum(-1) - 1, torch.full_like(valid, -1, dtype=torch.long))
+    rows = 0
+    accumulated = None
+    if keep_all:  # everything real, in order (only columns that are padding in every sample go)
+        scores = torch.arange(n, device=keys.device, dtype=torch.float32)[None, None]
+    else:
+        window_rows = torch.tensor([method.query_rows(int(x)) for x in st.lengths.tolist()], dtype=torch.long)
+        rows = int(window_rows.max())
+        window = window_attention(st.query, keys, st.mask, st.scaling, rows) if rows > 0 else None
+        if method.accumulates:
+            q = st.query.shape[-2]
+            accumulated = accumulated_attention(st.query, keys, st.mask, st.scaling, valid[:, n - q:],
+                                                partial(method.row_weights, step=0))
+        ctx = KVContext(layer=index, keys=keys, values=values, valid=valid, rank=rank, lengths=st.lengths,
+                        budgets=st.budgets, window=window, window_rows=window_rows, info=info, accumulated=accumulated)
+        scores = method.score(ctx)
+    kept = select_kept(scores.expand(b, h, n), valid, st.budgets)
+    new = CompressedLayer.compress(layer, kept)
+    if method.evicts_during_decode and not keep_all:  # carry the accumulated scores into decoding
+        idx = kept.repeat_interleave(info.num_groups, dim=1)
+        new.state = accumulated.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0)
+        new.budget = st.budgets.clone()
+    return new, rows
+
+
+def record_compression(s: Stats, method: KVMethod, info: DecoderInfo, li: int, before: DynamicLayer,
+                       after: CompressedLayer, st: _LayerState, rows: int) -> None:
+    """Add one compressed layer to ``s`` (what it kept, its bytes, the scoring FLOPs)."""
+    s.kv_layers.append(li)
+    s.kv_entries_per_layer.append(float(st.lengths.float().mean()))
+    s.kv_kept_per_layer.append(float(st.budgets.float().mean()))
+    s.kv_slots_per_layer.append(after.physical_length)
+    s.kv_bytes_before_per_layer.append(kv_bytes(before))
+    s.kv_bytes_after_per_layer.append(kv_bytes(after))
+    if st.compress:
+        s.scoring_flops += method.scoring_flops(int(st.lengths.float().mean()), rows, info)
+
+
+class _Recorder(KVMethod):
+    """The method `prefill_once` attaches: every full-attention layer recorded, nothing compressed."""
+
+    name, paper = "record", "-"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        raise AssertionError("a recording prefill compresses nothing")
+
+
+def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], attention_mask: Tensor | None = None,
+                 **kwargs) -> tuple[object, list[tuple[DynamicCache, Stats]]]:
+    """Prefill ``input_ids`` once; return the forward's output and, per method, the compressed cache and stats.
+
+    Each cache is what the method's own prefill inside ``tokenreduce.apply`` leaves (the same
+    entries, bit for bit): compression acts on each layer's cache after its attention, so the
+    hidden states of a prefill do not depend on the method and one forward serves them all.
+    The caches share no tensors that decoding writes to; continue each one inside
+    ``apply(model, its method)`` (decode-time eviction needs the attachment). A benchmark
+    tool: the queries of every layer are held until the end (``B H N D`` floats per layer).
+    """
+    for m in methods:
+        if not isinstance(m, KVMethod):
+            raise StageError(f"prefill_once takes kv-cache methods; got {m!r}")
+    family, backbone = find_decoder(model)
+    att = DecoderAttachment(model, family, backbone, _Recorder(keep_count=1))
+    att.recording = {}
+    full = DynamicCache(config=backbone.config)
+    try:
+        out = model(input_ids, attention_mask=attention_mask, past_key_values=full, **kwargs)
+    finally:
+        att.remove()
+    info, recorded = att.info, att.recording
+    if not recorded:
+        raise NeverFiredError("the recording prefill ran no full-attention layer of the decoder")
+    results = []
+    first = recorded[min(recorded)]
+    for m in methods:
+        m.check(info)
+        mine = tuple(i for i in info.compressible if m.compresses(i))
+        budgets = {i: m.layer_budgets(first.lengths, i, info) for i in mine}
+        m.begin_prefill()
+        cache = DynamicCache(config=backbone.config)
+        stats = Stats(batch_size=input_ids.shape[0])
+        layers = []
+        for li, layer in enumerate(full.layers):
+            st = recorded.get(li)
+            if st is None:  # a sliding-window layer: shared tensors are replaced, never written, by decoding
+                layers.append(copy.copy(layer))
+                continue
+            keep_all = li not in mine
+            plan = dataclasses.replace(st, budgets=st.lengths if keep_all else budgets[li], compress=not keep_all,
+                                       keep_all=keep_all)
+            new, rows = compress_layer(m, info, li, layer, plan, keep_all=keep_all)
+            record_compression(stats, m, info, li, layer, new, plan, rows)
+            layers.append(new)
+        cache.layers = layers
+        _mark_uniform(cache)
+        results.append((cache, stats))
+    return out, results
 
 
 def _check_cache(cache: Cache, layer) -> None:
