@@ -110,6 +110,7 @@ class _LayerState:
     row_valid: Tensor | None = None  # [B, q] real query rows of this forward
     accumulated: Tensor | None = None  # [B, H, K]
     step: int = 0  # t at the t-th decoding forward
+    positions: Tensor | None = None  # [B, q] rotary positions of this forward's entries (repositioning methods)
 
 
 class DecoderAttachment:
@@ -152,6 +153,7 @@ class DecoderAttachment:
         self._state: dict[int, _LayerState] = {}
         self._budgets: dict[int, Tensor] = {}  # per-layer budgets of the running prefill
         self.recording: dict[int, _LayerState] | None = None  # set by `prefill_once`: record, do not compress
+        self.rope = _rope_for_repositioning(family, backbone, full, self.compressible) if method.repositions else None
         self._padding: Tensor | None = None  # 2-D padding mask of the running forward (bool), None = no padding
         self._custom_mask = False  # the caller passed a ready 4-D mask
         self._has_compressed = False  # the running forward's cache already holds compressed layers
@@ -210,12 +212,36 @@ class DecoderAttachment:
             self._padding = mask.to(torch.bool)
         cache = bound.get("past_key_values")
         self._has_compressed = False
+        shift = None
         if isinstance(cache, Cache):
             for layer in cache.layers:
                 if isinstance(layer, CompressedLayer):  # we build its masks during this forward
                     layer.masked_by = self
                     self._flagged.add(layer)
                     self._has_compressed = True
+                    if layer.position_shift is not None:
+                        shift = layer.position_shift
+        if self.rope is not None:
+            return self._positions(bound, args, kwargs, cache, shift)
+
+    def _positions(self, bound, args, kwargs, cache, shift):
+        """In-cache positions (a repositioning method): keep transformers' positions of this forward, then
+        lower them by the cache's shift, so new tokens continue right after the entries the cache holds."""
+        if "position_ids" in bound and "position_ids" not in kwargs:
+            raise StageError(f"{self.method!r} re-positions the cache and needs position_ids passed by keyword "
+                             "(or not at all), as the causal LM and generate do")
+        ids = bound.get("input_ids")
+        ref = ids if isinstance(ids, Tensor) else bound.get("inputs_embeds")
+        pos = kwargs.get("position_ids")
+        if pos is None:  # what transformers would use
+            past = cache.get_seq_length() if isinstance(cache, Cache) else 0
+            pos = (torch.arange(ref.shape[1], device=ref.device) + past)[None]
+        self._orig_positions = pos.expand(ref.shape[0], -1)
+        if shift is not None:
+            pos = self._orig_positions - shift.to(pos.device)[:, None]
+            kwargs = dict(kwargs, position_ids=pos)
+        self._cur_positions = pos.expand(ref.shape[0], -1)
+        return args, kwargs
 
     def _end(self, backbone, args, kwargs, output):
         for cache in list(self._caches):
@@ -238,6 +264,8 @@ class DecoderAttachment:
         if isinstance(layer, CompressedLayer) and layer.state is not None and m.evicts_during_decode \
                 and index in self.compressible:  # decoding under a budget: append, attend, evict back to it
             st.evict, st.step = True, layer.steps + 1
+            if self.rope is not None:
+                st.positions = self._cur_positions
             st.row_valid = self._row_validity(batch, layer.get_seq_length() + q, q, hidden.device)
             return
         if q <= 1:
@@ -249,6 +277,11 @@ class DecoderAttachment:
             return  # a cache is compressed once, at its prefill; later chunks (a question) are appended as they are
         _check_cache(cache, layer)
         past = layer.get_seq_length() if layer is not None and layer.is_initialized else 0
+        if self.rope is not None:
+            if past:
+                raise StageError(f"{m!r} re-positions the cache at its prefill and needs the whole prompt in one "
+                                 "forward on an empty cache; this layer already holds {past} entries")
+            st.positions = self._cur_positions
         st.valid = self._validity(kwargs.get("attention_mask"), batch, past + q, hidden.device)
         st.lengths = st.valid.sum(-1)
         if index == self.info.compressible[0]:  # every layer's budget, before the first layer touches the cache
@@ -290,7 +323,7 @@ class DecoderAttachment:
             mask = self._own_mask(module, query, key, mask, st.cache.layers[module.layer_idx])
         if st is not None and (st.compress or self.recording is not None):  # scored after the layer, from these
             st.query, st.mask, st.scaling = query, mask, kwargs.get("scaling")
-        if st is not None and st.evict:
+        if st is not None and st.evict and self.method.accumulates:
             st.accumulated = accumulated_attention(query, key, mask, kwargs.get("scaling"), st.row_valid,
                                                    partial(self.method.row_weights, step=st.step))
         return impl(module, query, key, value, mask, **kwargs)
@@ -336,6 +369,10 @@ class DecoderAttachment:
             self.recording[index] = st
             return output
         new, rows = compress_layer(self.method, self.info, index, layer, st, keep_all=st.keep_all)
+        if self.rope is not None:
+            kept = new.kept
+            reposition(new, st.positions.gather(1, kept.clamp_min(0).flatten(1)).view_as(kept), self.rope,
+                       self._orig_positions[:, -1] + 1)
         new.masked_by = self  # this forward goes on with our masks
         self._flagged.add(new)
         cache.layers[li] = new
@@ -349,19 +386,25 @@ class DecoderAttachment:
         layer = cache.layers[li]
         p, b = layer.physical_length, layer.keys.shape[0]
         old = layer.state
-        state = torch.cat([old, old.new_zeros(*old.shape[:2], p - old.shape[-1])], dim=-1) + st.accumulated
+        state = torch.cat([old, old.new_zeros(*old.shape[:2], p - old.shape[-1])], dim=-1)
+        if st.accumulated is not None:
+            state = state + st.accumulated
         valid = layer.cache_validity(self._padding)
         layer.steps = st.step
-        if bool((valid.sum(-1) <= layer.budget.to(valid.device)).all()):
+        budget = torch.minimum(layer.budget.to(valid.device), valid.sum(-1))
+        if bool((valid.sum(-1) <= budget).all()) and self.rope is None:
             layer.state = state
             return
         position = layer.slot_positions()
         age = torch.where(position >= 0, layer.cumulative_length - 1 - position, torch.iinfo(torch.long).max)
-        ctx = EvictionContext(layer=index, state=state, age=age, valid=valid, budgets=layer.budget, step=st.step,
+        ctx = EvictionContext(layer=index, state=state, age=age, valid=valid, budgets=budget, step=st.step,
                               info=self.info)
         scores = self.method.evict_score(ctx)
-        kept = select_kept(scores.expand(b, layer.keys.shape[1], p), valid, layer.budget)
+        kept = select_kept(scores.expand(b, layer.keys.shape[1], p), valid, budget)
         new = layer.recompress(kept, state)
+        if self.rope is not None:
+            rotary = layer.slot_rotary(st.positions).gather(-1, kept.clamp_min(0))
+            reposition(new, rotary, self.rope, self._orig_positions[:, -1] + 1)
         new.masked_by = self
         self._flagged.add(new)
         cache.layers[li] = new
@@ -410,7 +453,8 @@ def compress_layer(method: KVMethod, info: DecoderInfo, index: int, layer: Dynam
     new = CompressedLayer.compress(layer, kept)
     if method.evicts_during_decode and not keep_all:  # carry the accumulated scores into decoding
         idx = kept.repeat_interleave(info.num_groups, dim=1)
-        new.state = accumulated.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0)
+        new.state = (accumulated.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0) if accumulated is not None
+                     else torch.zeros(idx.shape, dtype=torch.float32, device=keys.device))
         new.budget = st.budgets.clone()
     return new, rows
 
@@ -426,6 +470,56 @@ def record_compression(s: Stats, method: KVMethod, info: DecoderInfo, li: int, b
     s.kv_bytes_after_per_layer.append(kv_bytes(after))
     if st.compress:
         s.scoring_flops += method.scoring_flops(int(st.lengths.float().mean()), rows, info)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """A model's rotary embedding, enough to move a cached (rotated) key to another position."""
+
+    inv_freq: Tensor  # [rot_dim / 2]
+
+
+def _rope_for_repositioning(family: DecoderFamily, backbone: nn.Module, full: tuple[int, ...],
+                            compressible: tuple[int, ...]) -> Rope:
+    """The rotary embedding a repositioning method needs, or a clear refusal."""
+    if len(full) != len(family.layers(backbone)) or compressible != full:
+        raise StageError("in-cache re-positioning shifts the positions of every layer, so it needs every layer to be a "
+                         "full-attention layer it compresses; this model has sliding-window or skipped layers")
+    rot = getattr(backbone, "rotary_emb", None)
+    kind = getattr(rot, "rope_type", None)
+    if rot is None or not isinstance(getattr(rot, "inv_freq", None), Tensor) or kind not in ("default", "linear", "llama3", "yarn"):
+        raise UnsupportedModelError(f"in-cache re-positioning needs a static rotary embedding (default, linear, llama3 "
+                                    f"or yarn RoPE); this {family.name} model has {kind!r}")
+    return Rope(rot.inv_freq.detach().clone())
+
+
+def rotate_keys(keys: Tensor, delta: Tensor, rope: Rope) -> Tensor:
+    """Keys ``[B, H, P, D]`` (rotated, transformers' rotate-half layout) moved by ``delta`` [B, H, P] positions."""
+    inv = rope.inv_freq.to(device=keys.device, dtype=torch.float64)
+    r = 2 * inv.numel()
+    angle = delta.to(torch.float64)[..., None] * inv  # [B, H, P, r/2]
+    cos, sin = angle.cos(), angle.sin()
+    k = keys[..., :r].to(torch.float64)
+    a, b = k[..., : r // 2], k[..., r // 2:]
+    moved = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(keys.dtype)
+    return torch.cat([moved, keys[..., r:]], dim=-1)
+
+
+def reposition(layer: CompressedLayer, rotary: Tensor, rope: Rope, next_position: Tensor) -> None:
+    """Give the real slots of ``layer`` positions 0..m-1 in slot order (StreamingLLM's in-cache positions).
+
+    ``rotary`` [B, H, P]: the position each slot's key carries now; ``next_position`` [B]: the
+    position transformers would give the next token. Keys that move are re-rotated; the layer
+    remembers its slots' positions and how far the next tokens' positions must be lowered.
+    """
+    real = layer.kept >= 0
+    target = real.long().cumsum(-1) - 1
+    delta = torch.where(real, target - rotary, 0)
+    if bool((delta != 0).any()):
+        layer.keys = rotate_keys(layer.keys, delta, rope)
+    layer.rotary = torch.where(real, target, 0)
+    count = real[:, 0].sum(-1)  # real entries per sample (every head holds as many)
+    layer.position_shift = next_position.to(count.device) - count
 
 
 class _Recorder(KVMethod):
@@ -451,6 +545,8 @@ def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], a
     for m in methods:
         if not isinstance(m, KVMethod):
             raise StageError(f"prefill_once takes kv-cache methods; got {m!r}")
+        if m.repositions:
+            raise StageError(f"{m!r} re-positions the cache while it compresses; prefill it inside tokenreduce.apply")
     family, backbone = find_decoder(model)
     att = DecoderAttachment(model, family, backbone, _Recorder(keep_count=1))
     att.recording = {}

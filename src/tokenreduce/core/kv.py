@@ -91,6 +91,10 @@ class CompressedLayer(DynamicLayer):
         self.state: Tensor | None = None
         self.budget: Tensor | None = None
         self.steps = 0
+        # in-cache positions (StreamingLLM's rolling cache): the rotary position each compressed slot's key carries
+        # ([B, H_kv, P_c]) and, per sample, how much lower the next token's position is than transformers' ([B])
+        self.rotary: Tensor | None = None
+        self.position_shift: Tensor | None = None
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -113,6 +117,11 @@ class CompressedLayer(DynamicLayer):
                             device=self.keys.device)
         return torch.cat([self.kept.to(self.keys.device), tail.expand(b, h, -1)], dim=-1)
 
+    def slot_rotary(self, tail: Tensor) -> Tensor:
+        """Rotary position ``[B, H_kv, P]`` of every slot, given those of the appended entries ``tail`` [B, T]."""
+        h = self.keys.shape[1]
+        return torch.cat([self.rotary, tail[:, None, :].expand(-1, h, -1).to(self.rotary)], dim=-1)
+
     def recompress(self, kept: Tensor, state: Tensor | None = None) -> "CompressedLayer":
         """Keep ``kept`` [B, H_kv, M] physical slots (ascending, ``-1`` = padded) of this layer: decode-time eviction.
 
@@ -130,7 +139,7 @@ class CompressedLayer(DynamicLayer):
             g = state.shape[1] // h
             idx = kept.repeat_interleave(g, dim=1)
             new.state = state.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0)
-        new.budget, new.steps = self.budget, self.steps
+        new.budget, new.steps, new.position_shift = self.budget, self.steps, self.position_shift
         return new
 
     # ------------------------------------------------------------------ Cache API
@@ -140,13 +149,15 @@ class CompressedLayer(DynamicLayer):
 
     @property
     def needs_own_mask(self) -> bool:
-        """Whether transformers' single mask per forward would be wrong for this layer."""
-        return self.slot_valid is not None or not self.uniform
+        """Whether transformers' single mask per forward (or its positions) would be wrong for this layer."""
+        return self.slot_valid is not None or not self.uniform or self.position_shift is not None
 
     def check_masked(self) -> None:
         """Raise if transformers' one mask per forward would be wrong for this layer and nobody builds its own."""
         if self.needs_own_mask and self.masked_by is None and self.is_initialized:
             why = ("its samples kept different numbers of entries (left-padded slots)" if self.slot_valid is not None
+                   else "its entries carry in-cache positions (a rolling StreamingLLM cache), so new tokens need "
+                   "shifted positions" if self.position_shift is not None
                    else "its layers hold different numbers of entries")
             raise StageError(
                 f"this KV cache was compressed by tokenreduce and {why}; transformers builds one attention mask for "
@@ -175,6 +186,7 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self.cumulative_length = self.compressed_length = self.compressed_slots = self.steps = 0
         self.kept, self.slot_valid, self.uniform, self.state, self.budget = None, None, True, None, None
+        self.rotary = self.position_shift = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:  # legacy form: the length to keep
@@ -196,7 +208,7 @@ class CompressedLayer(DynamicLayer):
             self.keys, self.values = fn(self.keys), fn(self.values)
         if self.kept is not None:
             self.kept = fn(self.kept)
-        for name in ("slot_valid", "state", "budget"):
+        for name in ("slot_valid", "state", "budget", "rotary", "position_shift"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
 

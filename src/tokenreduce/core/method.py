@@ -202,6 +202,7 @@ class KVMethod(Method):
     stage: ClassVar[str] = "kv-cache"
     accumulates: ClassVar[bool] = False  # needs every prefill query row (``ctx.accumulated``), not only the last ones
     evicts_during_decode: ClassVar[bool] = False  # keeps the cache at its budget while generating (`evict_score`)
+    repositions: ClassVar[bool] = False  # kept entries take positions 0..M-1 in the cache (StreamingLLM's rolling cache)
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
         from .errors import BudgetError
