@@ -33,9 +33,14 @@ class Handle:
         by_stage: dict[str, list[Method]] = {}
         for m in methods:
             by_stage.setdefault(m.stage, []).append(m)
-        unknown = set(by_stage) - {"encoder", "kv-cache"}
+        unknown = set(by_stage) - {"encoder", "decoder", "kv-cache"}
         if unknown:
-            raise StageError(f"no stage adapter for {sorted(unknown)} methods yet; supported stages: encoder, kv-cache")
+            raise StageError(f"no stage adapter for {sorted(unknown)} methods yet; supported stages: encoder, decoder, "
+                             "kv-cache")
+        decoder_methods = by_stage.get("decoder", [])
+        if len(decoder_methods) > 1 or (decoder_methods and by_stage.get("kv-cache")):
+            raise StageError(f"one decoder-stage method per model, not combined with a kv-cache method (yet); got "
+                             f"{', '.join(repr(m) for m in decoder_methods + by_stage.get('kv-cache', []))}")
         kv_methods = [m for m in by_stage.get("kv-cache", []) if isinstance(m, KVMethod)]
         if len(kv_methods) > 1:
             raise StageError(f"one kv-cache method per model at a time; got {', '.join(repr(m) for m in kv_methods)}")
@@ -56,7 +61,18 @@ class Handle:
                 from ..adapters.decoder import DecoderAttachment, find_decoder
 
                 family, backbone = find_decoder(model)
-                self._attachments.append(DecoderAttachment(model, family, backbone, kv_methods[0]))
+                if getattr(kv_methods[0], "retrieval", False):  # decode-time retrieval (A²ATS): the full cache stays
+                    from ..adapters.kv_retrieval import KVRetrievalAttachment
+
+                    self._attachments.append(KVRetrievalAttachment(model, family, backbone, kv_methods[0]))
+                else:
+                    self._attachments.append(DecoderAttachment(model, family, backbone, kv_methods[0]))
+            if decoder_methods:  # prefill filtering (GemFilter): pick prompt tokens in an early layer, prefill those
+                from ..adapters.decoder import find_decoder
+                from ..adapters.prefill_filter import PrefillFilterAttachment
+
+                family, backbone = find_decoder(model)
+                self._attachments.append(PrefillFilterAttachment(model, family, backbone, decoder_methods[0]))
             self._hooks.append(model.register_forward_hook(self._after_forward))
         except Exception:
             self.remove()
