@@ -545,8 +545,9 @@ def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], a
     for m in methods:
         if not isinstance(m, KVMethod):
             raise StageError(f"prefill_once takes kv-cache methods; got {m!r}")
-        if m.repositions:
-            raise StageError(f"{m!r} re-positions the cache while it compresses; prefill it inside tokenreduce.apply")
+        if m.repositions or getattr(m, "retrieval", False):
+            raise StageError(f"{m!r} re-positions or retrieves from the cache while decoding; prefill it inside "
+                             "tokenreduce.apply")
     family, backbone = find_decoder(model)
     att = DecoderAttachment(model, family, backbone, _Recorder(keep_count=1))
     att.recording = {}
