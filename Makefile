@@ -33,8 +33,10 @@ data:
 test: install data
 	$(BIN)/python -m pytest -q
 
-demo: install data  # a small run of every encoder method; `tokenreduce bench vit --help` for the full one
+demo: install data  # small runs: every encoder method, four kv-cache methods; `tokenreduce bench vit|kv --help` for more
 	$(BIN)/tokenreduce bench vit --n-train 500 --n-test 200 --batch-size 16 --timing-batches 2 --out results/vit
+	$(BIN)/tokenreduce bench kv --methods snapkv,streaming_llm,tova,h2o --ratios 0.25 --lengths 1000 --n 3 \
+	    --out results/kv
 
 clean:
 	rm -rf $(VENV) .cache results

@@ -51,7 +51,7 @@ def test_bad_arguments_exit_nonzero_with_a_helpful_message(argv, message, capsys
         assert "tome" in err.split("known encoder methods:")[1]
 
 
-@pytest.mark.parametrize("which", ["kv", "vlm"])
+@pytest.mark.parametrize("which", ["vlm"])
 def test_unimplemented_benchmarks(which, capsys):
     assert main(["bench", which]) == 2
     assert "not implemented yet" in capsys.readouterr().err

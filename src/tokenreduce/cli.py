@@ -2,7 +2,8 @@
 
     tokenreduce list                      registered methods and their papers
     tokenreduce bench vit [options]       DINOv2-S: accuracy / fidelity / FLOPs / throughput per method and budget
-    tokenreduce bench kv | vlm            (not implemented yet)
+    tokenreduce bench kv [options]        SmolLM2: long-context recall, KV bytes, prefill/decode time per method and ratio
+    tokenreduce bench vlm                 (not implemented yet)
 
 Exit status: 0 on success, 2 for a usage error (unknown method, budget out of range, ...),
 1 when a run fails.
@@ -23,6 +24,13 @@ def _comma_floats(text: str) -> list[float]:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], e.g. 0.75,0.5; got {text!r}")
+
+
+def _comma_ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 1000,3000; got {text!r}")
 
 
 def _comma_names(text: str) -> list[str]:
@@ -74,9 +82,49 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(subparser=v)  # its usage line for errors found after parsing
 
-    for name in ("kv", "vlm"):
-        s = bsub.add_parser(name, help=f"{name} benchmark (not implemented yet)")
-        s.add_argument("args", nargs=argparse.REMAINDER)
+    k = bsub.add_parser(
+        "kv", help="KV-cache eviction on a small LM: long-context recall, cache bytes, prefill/decode time, memory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run each kv-cache method at each keep_ratio on seeded long-context retrieval samples, in two "
+                    "settings, next to the full cache on the same samples.",
+        epilog="settings:\n"
+               "  aware     question-aware: the question is inside the compressed prefix\n"
+               "  agnostic  question-agnostic: the context is compressed first, the question comes after\n\n"
+               "keep_ratio = fraction of the prefix's cache entries kept per layer and KV head;\n"
+               "compression = 1 - keep_ratio (kvpress's compression_ratio).\n"
+               "Writes results.jsonl (a header record, then one row per setting x length x method x ratio),\n"
+               "results.md (one table per setting and length), pareto.png, samples.jsonl under --out.")
+    k.add_argument("--methods", type=_comma_names, default=None,
+                   help="comma-separated kv-cache methods (default: every registered one)")
+    k.add_argument("--ratios", type=_comma_floats, default=[0.5, 0.25, 0.1],
+                   help="comma-separated keep_ratios in (0, 1] (default: 0.5,0.25,0.1)")
+    k.add_argument("--lengths", type=_comma_ints, default=[1000, 3000],
+                   help="comma-separated context lengths in tokens (default: 1000,3000)")
+    k.add_argument("--setting", choices=["aware", "agnostic", "both"], default="both",
+                   help="question-aware, question-agnostic, or both (default: both)")
+    k.add_argument("--task", choices=["needle", "multikey", "multivalue", "vt"], default="needle",
+                   help="haystack task: one needle, several keys, several values, variable tracking "
+                        "(default: needle)")
+    k.add_argument("--depths", type=_comma_floats, default=None,
+                   help="needle depths in [0, 1], cycled over the samples (default: --n depths spread over 0.1..0.9)")
+    k.add_argument("--n", type=_positive_int, default=5, help="samples per context length (default: 5)")
+    k.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="cap on generated tokens (default: the task's own budget, e.g. 12 for one 7-digit number)")
+    k.add_argument("--seed", type=int, default=0, help="sample seed (default: 0)")
+    k.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2",
+                   help="SmolLM2-135M-Instruct or Gemma 3 270M, from the offline asset packages (default: smollm2)")
+    k.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="model dtype (default: float32)")
+    k.add_argument("--out", default="results/kv", help="output folder (default: results/kv)")
+    k.add_argument("--cache-dir", default=None,
+                   help="model cache (default: $TOKENREDUCE_CACHE or ~/.cache/tokenreduce)")
+    k.add_argument("--no-warmup", action="store_true", help="skip the short untimed warm-up run of every method")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k.set_defaults(subparser=k)
+
+    s = bsub.add_parser("vlm", help="vlm benchmark (not implemented yet)")
+    s.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -124,6 +172,38 @@ def _bench_vit(args, parser) -> int:
     return 0
 
 
+def _check_device(text: str, parser) -> None:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        parser.error(f"--device {text!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+
+
+def _bench_kv(args, parser) -> int:
+    from .bench.kv import KVBenchConfig, check_config, kv_tables, run_kv_bench
+    from .core.errors import TokenReduceError
+
+    cfg = KVBenchConfig(methods=args.methods, ratios=args.ratios, lengths=args.lengths, setting=args.setting,
+                        task=args.task, depths=args.depths, n=args.n, seed=args.seed, model=args.model,
+                        device=args.device, dtype=args.dtype, out=args.out, cache_dir=args.cache_dir,
+                        warmup=not args.no_warmup, max_new_tokens=args.max_new_tokens)
+    try:  # usage errors first, before anything slow
+        cfg = check_config(cfg)
+    except (TokenReduceError, ValueError) as e:
+        parser.error(str(e))
+    _check_device(args.device, parser)
+    t0 = time.perf_counter()
+    rows = run_kv_bench(cfg, progress=not args.no_progress)
+    print(kv_tables(rows))
+    print(f"\nwrote {args.out}/results.jsonl, results.md, pareto.png, samples.jsonl in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -135,8 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.bench == "vit":
             return _bench_vit(args, args.subparser)
+        if args.bench == "kv":
+            return _bench_kv(args, args.subparser)
         print(f"tokenreduce: error: `tokenreduce bench {args.bench}` is not implemented yet; "
-              "available: `tokenreduce bench vit`", file=sys.stderr)
+              "available: `tokenreduce bench vit`, `tokenreduce bench kv`", file=sys.stderr)
         return 2
     except (TokenReduceError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"tokenreduce: error: {e}", file=sys.stderr)
