@@ -166,6 +166,19 @@ def test_kv_runner_every_method_ratio_and_setting(tmp_path):
     assert (tmp_path / "pareto.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_shared_prefill_gives_the_same_answers_and_caches_as_separate_prefills():
+    methods = ["snapkv", "h2o", "pyramidkv", "kvcrush", "knorm"]
+    rows = {}
+    for shared in (True, False):
+        cfg = KVBenchConfig(methods=methods, ratios=(0.3,), lengths=(100,), n=2, out=None, model_id="tiny",
+                            max_new_tokens=4, warmup=False, shared_prefill=shared)
+        rows[shared] = run_kv_bench(cfg, model=_model(), tokenizer=WordTokenizer(), progress=False, log=lambda m: None)
+    for a, b in zip(rows[True], rows[False]):
+        assert (a["method"], a["setting"]) == (b["method"], b["setting"])
+        for key in ("outputs", "kv_bytes_prefill", "kv_bytes_end", "kv_kept"):
+            assert a.get(key) == b.get(key), (a["method"], key)
+
+
 @needs_essays
 def test_kv_runner_one_setting_two_lengths_explicit_depths(tmp_path):
     cfg = KVBenchConfig(methods=["streaming_llm"], ratios=(0.25,), lengths=(100, 140), setting="agnostic",

@@ -26,7 +26,8 @@ def test_forked_caches_equal_one_prefill_per_method(arch):
         out, forks = prefill_once(model, ids, methods, attention_mask=mask)
         plain = model(ids, attention_mask=mask).logits
         torch.testing.assert_close(out.logits, plain)  # the recording prefill is the plain prefill
-        for m, (cache, stats) in zip(methods, forks):
+        for m, (cache, stats, seconds) in zip(methods, forks):
+            assert seconds > 0
             live = DynamicCache(config=model.config)
             with tr.apply(model, m) as h:
                 model(ids, attention_mask=mask, past_key_values=live)

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--cache-dir", default=None,
                    help="model cache (default: $TOKENREDUCE_CACHE or ~/.cache/tokenreduce)")
     k.add_argument("--no-warmup", action="store_true", help="skip the short untimed warm-up run of every method")
+    k.add_argument("--separate-prefill", action="store_true",
+                   help="prefill every method on its own inside apply (default: one shared prefill per prompt for the "
+                        "methods that compress at prefill; the same caches, bit for bit, and much faster)")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.set_defaults(subparser=k)
 
@@ -190,7 +193,8 @@ def _bench_kv(args, parser) -> int:
     cfg = KVBenchConfig(methods=args.methods, ratios=args.ratios, lengths=args.lengths, setting=args.setting,
                         task=args.task, depths=args.depths, n=args.n, seed=args.seed, model=args.model,
                         device=args.device, dtype=args.dtype, out=args.out, cache_dir=args.cache_dir,
-                        warmup=not args.no_warmup, max_new_tokens=args.max_new_tokens)
+                        warmup=not args.no_warmup, max_new_tokens=args.max_new_tokens,
+                        shared_prefill=not args.separate_prefill)
     try:  # usage errors first, before anything slow
         cfg = check_config(cfg)
     except (TokenReduceError, ValueError) as e:

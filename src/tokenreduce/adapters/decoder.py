@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import time
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -532,8 +533,9 @@ class _Recorder(KVMethod):
 
 
 def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], attention_mask: Tensor | None = None,
-                 **kwargs) -> tuple[object, list[tuple[DynamicCache, Stats]]]:
-    """Prefill ``input_ids`` once; return the forward's output and, per method, the compressed cache and stats.
+                 **kwargs) -> tuple[object, list[tuple[DynamicCache, Stats, float]]]:
+    """Prefill ``input_ids`` once; return the forward's output and, per method, the compressed cache, its
+    stats and the seconds its compression took (scoring included; the shared forward excluded).
 
     Each cache is what the method's own prefill inside ``tokenreduce.apply`` leaves (the same
     entries, bit for bit): compression acts on each layer's cache after its attention, so the
@@ -565,6 +567,7 @@ def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], a
         m.check(info)
         mine = tuple(i for i in info.compressible if m.compresses(i))
         budgets = {i: m.layer_budgets(first.lengths, i, info) for i in mine}
+        t0 = time.perf_counter()
         m.begin_prefill()
         cache = DynamicCache(config=backbone.config)
         stats = Stats(batch_size=input_ids.shape[0])
@@ -582,7 +585,9 @@ def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], a
             layers.append(new)
         cache.layers = layers
         _mark_uniform(cache)
-        results.append((cache, stats))
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize(input_ids.device)
+        results.append((cache, stats, time.perf_counter() - t0))
     return out, results
 
 

@@ -10,8 +10,13 @@ in each of two settings —
 
 — the full-cache model runs first, then every (method, keep_ratio) on the same prompt:
 
-1. the prefix is prefilled once into a ``DynamicCache`` with the method attached
-   (`compressed_prefill`, the single seam where a faster prefill-once-and-fork path can go);
+1. the prefix is prefilled into a ``DynamicCache`` compressed by the method. By default
+   (``shared_prefill``) the prefix is prefilled once for all methods that compress at
+   prefill (`adapters.decoder.prefill_once`: the same caches, bit for bit, as one prefill
+   per method, because compression does not change a prefill's hidden states); their
+   prefill time is that shared forward plus the method's own scoring and compression.
+   Methods that re-position or retrieve (rolling StreamingLLM, A²ATS) and other stages
+   (GemFilter) get their own prefill inside ``apply`` (`compressed_prefill`);
 2. the suffix (rest of the prompt + the answer prefix) and the answer are greedy-decoded
    token by token with the method still attached (decode-time evicting methods need it),
    stopping at end-of-sequence / end-of-turn or the sample's ``max_new_tokens``;
@@ -85,6 +90,7 @@ class KVBenchConfig:
     out: str | Path | None = "results/kv"
     cache_dir: str | Path | None = None
     warmup: bool = True  # one short untimed prefill + decode per method before the timed runs
+    shared_prefill: bool = True  # one prefill per prompt for every prefill-time kv method (prefill_once)
     max_new_tokens: int | None = None  # cap on generated tokens (None: each sample's own budget)
     model_id: str | None = None  # name in the report (default: the model's name)
 
@@ -250,7 +256,8 @@ def _cache_bytes(cache) -> int:
 
 
 @contextlib.contextmanager
-def compressed_prefill(model: nn.Module, prefix_ids: torch.Tensor, method=None) -> Iterator[tuple]:
+def compressed_prefill(model: nn.Module, prefix_ids: torch.Tensor, method=None, prefilled: tuple | None = None
+                       ) -> Iterator[tuple]:
     """Prefill ``prefix_ids`` [1, N] into a fresh cache compressed by ``method`` (None: the full cache).
 
     A context manager yielding ``(cache, stats, seconds)``: ``stats`` the attachment's
@@ -258,8 +265,8 @@ def compressed_prefill(model: nn.Module, prefix_ids: torch.Tensor, method=None) 
     forward, synchronised). The method stays attached until the block exits, so decoding
     inside the block runs with it (decode-time eviction needs that).
 
-    The benchmark's one place where a cache is made: a faster path (prefill once, fork the
-    cache for every method) replaces this body and nothing else.
+    ``prefilled``: ``(cache, stats, seconds)`` already made by `shared_prefills`; then no
+    forward runs here, the method is only attached for decoding.
     """
     import tokenreduce
     from transformers import DynamicCache
@@ -268,6 +275,9 @@ def compressed_prefill(model: nn.Module, prefix_ids: torch.Tensor, method=None) 
     with torch.inference_mode(), (tokenreduce.apply(model, method) if method is not None
                                   else contextlib.nullcontext()) as handle:
         # with the config, as generate() makes it: sliding-window layers (Gemma 3) then hold only their window
+        if prefilled is not None:
+            yield prefilled
+            return
         cache = DynamicCache(config=model.config)
         sync(device)
         t0 = time.perf_counter()
@@ -275,6 +285,29 @@ def compressed_prefill(model: nn.Module, prefix_ids: torch.Tensor, method=None) 
         sync(device)
         seconds = time.perf_counter() - t0
         yield cache, (handle.stats if handle is not None else None), seconds
+
+
+def forkable(method) -> bool:
+    """Whether `prefill_once` can make ``method``'s cache (a kv method that compresses at prefill only)."""
+    from ..core.method import KVMethod
+
+    return isinstance(method, KVMethod) and not method.repositions and not getattr(method, "retrieval", False)
+
+
+def shared_prefills(model: nn.Module, prefix_ids: torch.Tensor, methods: list) -> list[tuple]:
+    """``(cache, stats, seconds)`` per method from one prefill: seconds = the shared forward + the method's own
+    compression."""
+    from ..adapters.decoder import prefill_once
+
+    device = prefix_ids.device
+    with torch.inference_mode():
+        sync(device)
+        t0 = time.perf_counter()
+        _, forks = prefill_once(model, prefix_ids, methods, logits_to_keep=1)
+        sync(device)
+        total = time.perf_counter() - t0
+    forward = total - sum(f[2] for f in forks)
+    return [(cache, stats, forward + own) for cache, stats, own in forks]
 
 
 @dataclass
@@ -331,7 +364,8 @@ def _peak_memory(device: torch.device):
 
 
 def run_prompt(model: nn.Module, tokenizer, sample: dict, prefix: list[int], suffix: list[int], method=None,
-               stop: Sequence[int] = (), device="cpu", max_new_tokens: int | None = None) -> dict:
+               stop: Sequence[int] = (), device="cpu", max_new_tokens: int | None = None,
+               prefilled: tuple | None = None) -> dict:
     """One sample, one setting, one method (None: full cache): answer, score, bytes, times, memory."""
     from ..assets import haystack
 
@@ -340,7 +374,7 @@ def run_prompt(model: nn.Module, tokenizer, sample: dict, prefix: list[int], suf
     b = torch.tensor([suffix], device=device)
     gc.collect()
     with _peak_memory(device) as mem:
-        with compressed_prefill(model, a, method) as (cache, stats, prefill_s):
+        with compressed_prefill(model, a, method, prefilled) as (cache, stats, prefill_s):
             kv_prefill = _cache_bytes(cache)
             budget = int(sample["max_new_tokens"])
             dec = greedy_decode(model, cache, b, min(budget, max_new_tokens or budget), stop)
@@ -548,7 +582,7 @@ def run_kv_bench(cfg: KVBenchConfig | None = None, model: nn.Module | None = Non
               "lengths": list(cfg.lengths), "settings": {s: SETTINGS[s][1] for s in settings}, "n": cfg.n,
               "depths": cfg.depths if cfg.depths is not None else _spread(cfg.n), "skipped": skipped,
               "max_new_tokens": cfg.max_new_tokens, "stop_ids": stop, "samples_file": "samples.jsonl" if out is not None else None,
-              "loadavg_start": load_start,
+              "loadavg_start": load_start, "shared_prefill": cfg.shared_prefill,
               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if jsonl is not None:
         write_jsonl([header], jsonl)
@@ -569,9 +603,17 @@ def run_kv_bench(cfg: KVBenchConfig | None = None, model: nn.Module | None = Non
                         _warmup(model, prefix, suffix, runs, device, log)
                         first = False
                     # the full cache first, then every method on the same prompt, side by side
+                    shared = {}
                     for name, ratio, method in [(FULL, 1.0, None)] + runs:
+                        if method is not None and cfg.shared_prefill and not shared:
+                            todo = [(n, r, m) for n, r, m in runs if forkable(m)]
+                            if todo:
+                                a = torch.tensor([prefix], device=device)
+                                made = shared_prefills(model, a, [m for _, _, m in todo])
+                                shared = {(n, r): f for (n, r, _), f in zip(todo, made)}
+                                del made
                         res = run_prompt(model, tokenizer, sample, prefix, suffix, method, stop, device,
-                                         cfg.max_new_tokens)
+                                         cfg.max_new_tokens, prefilled=shared.pop((name, ratio), None))
                         res["sample_id"] = sample["id"]
                         results.setdefault((setting, name, ratio), []).append(res)
                         bar.update(1)
