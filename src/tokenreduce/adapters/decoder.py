@@ -424,12 +424,13 @@ class DecoderAttachment:
 
 
 def compress_layer(method: KVMethod, info: DecoderInfo, index: int, layer: DynamicLayer, st: _LayerState,
-                   keep_all: bool = False) -> tuple[CompressedLayer, int]:
+                   keep_all: bool = False, memo: dict | None = None) -> tuple[CompressedLayer, int]:
     """``layer`` at the end of a prefill, compressed by ``method``: (the new layer, window rows scored).
 
     ``st`` holds the prefill's real entries, budgets, and the post-RoPE queries, mask and scale
     its attention used; the method's signals (window rows, accumulated attention) are computed
     here from those and the layer's keys. ``keep_all``: a layer the method skips, kept whole.
+    ``memo``: accumulated attention already computed for this layer, by `KVMethod.accumulation_key`.
     """
     keys, values = layer.keys, layer.values
     b, h, n = keys.shape[:3]
@@ -444,9 +445,14 @@ def compress_layer(method: KVMethod, info: DecoderInfo, index: int, layer: Dynam
         rows = int(window_rows.max())
         window = window_attention(st.query, keys, st.mask, st.scaling, rows) if rows > 0 else None
         if method.accumulates:
-            q = st.query.shape[-2]
-            accumulated = accumulated_attention(st.query, keys, st.mask, st.scaling, valid[:, n - q:],
-                                                partial(method.row_weights, step=0))
+            key = method.accumulation_key()
+            accumulated = memo.get(key) if memo is not None else None
+            if accumulated is None:
+                q = st.query.shape[-2]
+                accumulated = accumulated_attention(st.query, keys, st.mask, st.scaling, valid[:, n - q:],
+                                                    partial(method.row_weights, step=0))
+                if memo is not None:
+                    memo[key] = accumulated
         ctx = KVContext(layer=index, keys=keys, values=values, valid=valid, rank=rank, lengths=st.lengths,
                         budgets=st.budgets, window=window, window_rows=window_rows, info=info, accumulated=accumulated)
         scores = method.score(ctx)
@@ -563,6 +569,7 @@ def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], a
         raise NeverFiredError("the recording prefill ran no full-attention layer of the decoder")
     results = []
     first = recorded[min(recorded)]
+    memos: dict[int, dict] = {li: {} for li in recorded}  # accumulated attention shared by methods that agree on it
     for m in methods:
         m.check(info)
         mine = tuple(i for i in info.compressible if m.compresses(i))
@@ -580,7 +587,7 @@ def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], a
             keep_all = li not in mine
             plan = dataclasses.replace(st, budgets=st.lengths if keep_all else budgets[li], compress=not keep_all,
                                        keep_all=keep_all)
-            new, rows = compress_layer(m, info, li, layer, plan, keep_all=keep_all)
+            new, rows = compress_layer(m, info, li, layer, plan, keep_all=keep_all, memo=memos[li])
             record_compression(stats, m, info, li, layer, new, plan, rows)
             layers.append(new)
         cache.layers = layers
@@ -618,20 +625,33 @@ def accumulated_attention(query: Tensor, key: Tensor, mask: Tensor | None, scali
     Computed from Q and K in chunks of ``chunk`` rows, so memory stays ``B H chunk K`` and the
     model's own attention (SDPA) is untouched. ``row_valid`` [B, q]: padding rows add nothing.
     """
-    q = query.shape[-2]
+    q, k = query.shape[-2], key.shape[-2]
     total = None
+    padded = not bool(row_valid.all())
     for lo in range(0, q, chunk):
         hi = min(q, lo + chunk)
-        w = weights(_row_logits(query, key, mask, scaling, lo, hi))
-        w = torch.nan_to_num(w, nan=0.0).masked_fill(~row_valid[:, None, lo:hi, None].to(w.device), 0.0)
-        total = w.sum(2) if total is None else total + w.sum(2)
+        seen = k - q + hi  # causal: rows lo..hi-1 see no key beyond this one
+        w = weights(_row_logits(query, key[..., :seen, :], None if mask is None else mask[..., :seen], scaling,
+                                lo, hi, k_total=k))
+        if padded:
+            w = torch.nan_to_num(w, nan=0.0).masked_fill(~row_valid[:, None, lo:hi, None].to(w.device), 0.0)
+        part = w.sum(2)
+        if total is None:
+            total = part.new_zeros(*part.shape[:-1], k)
+        total[..., :seen] += part
     return total
 
 
-def _row_logits(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, lo: int, hi: int) -> Tensor:
-    """Scaled, masked logits ``[B, H, hi - lo, K]`` of query rows ``lo:hi`` (``-inf`` where not attended)."""
+def _row_logits(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, lo: int, hi: int,
+                k_total: int | None = None) -> Tensor:
+    """Scaled, masked logits ``[B, H, hi - lo, K]`` of query rows ``lo:hi`` (``-inf`` where not attended).
+
+    ``key`` (and ``mask``'s columns) may be the first ``K`` of the layer's ``k_total`` keys, the queries being
+    its last ones: a causal chunk of rows needs no later key.
+    """
     b, h, q, d = query.shape
     hk, k = key.shape[1], key.shape[-2]
+    k_total = k if k_total is None else k_total
     g, r = h // hk, hi - lo
     scale = scaling if scaling is not None else d ** -0.5
     dt = torch.promote_types(query.dtype, torch.float32)
@@ -639,7 +659,7 @@ def _row_logits(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float 
     logits = (qw @ key.to(dt).transpose(-1, -2)).reshape(b, h, r, k) * scale
     if mask is None:
         cols = torch.arange(k, device=key.device)
-        allowed = cols[None, :] <= (k - q + torch.arange(lo, hi, device=key.device))[:, None]
+        allowed = cols[None, :] <= (k_total - q + torch.arange(lo, hi, device=key.device))[:, None]
         return logits.masked_fill(~allowed, float("-inf"))
     m = mask[..., mask.shape[-2] - q + lo:mask.shape[-2] - q + hi, :]
     if m.dtype == torch.bool:

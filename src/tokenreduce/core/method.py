@@ -267,6 +267,10 @@ class KVMethod(Method):
         ``-inf`` masked). ``step`` 0 is the prefill, ``t`` the t-th decoding forward. Default: softmax."""
         return logits.softmax(-1)
 
+    def accumulation_key(self) -> tuple:
+        """Methods with equal keys accumulate the same prefill attention (one computation serves them all)."""
+        return (type(self).row_weights,)
+
     def evict_score(self, ctx: EvictionContext) -> Tensor:
         """Scores ``[B, H_kv or 1, P]`` of the slots after a decoding step; the top ``budgets`` stay."""
         raise NotImplementedError

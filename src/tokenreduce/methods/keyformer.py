@@ -74,6 +74,9 @@ class Keyformer(H2O):
         u = torch.rand(shape, generator=self._generators[key], device=device, dtype=torch.float64)
         return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-16)))
 
+    def accumulation_key(self) -> tuple:
+        return (type(self).row_weights, self.seed, self.tau_init)  # the prompt's draws depend on these only
+
     def row_weights(self, logits: Tensor, step: int) -> Tensor:
         noise = self.gumbel(logits.shape, logits.device).to(logits.dtype)
         return ((logits + noise) / self.tau(step)).softmax(-1)
