@@ -49,7 +49,7 @@ def test_prefill_matches_the_paper_with_the_same_noise():
 
 def test_seeded_and_budgeted_while_generating():
     model, ids = tiny_lm("qwen2"), prompt(30)
-    outs, kept = [], []
+    kept = []
     for seed in (0, 0, 1):
         cache = DynamicCache()
         with torch.no_grad(), tr.apply(model, tr.get_method("keyformer", keep_ratio=0.4, seed=seed)) as h:
