@@ -79,6 +79,40 @@ DECODER_FAMILIES: tuple[DecoderFamily, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, PHI
 SUPPORTED_DECODERS = "Llama (SmolLM2), Qwen2, Qwen3, Mistral, Phi3, Gemma3 (*ForCausalLM or the bare *Model)"
 
 
+def attention_modules(family: DecoderFamily, backbone: nn.Module) -> list[nn.Module]:
+    """The attention module of every decoder layer, in order, checked against the family's classes."""
+    attns = [family.attention(layer) for layer in family.layers(backbone)]
+    for a in attns:
+        if type(a).__name__ not in family.attention_classes:
+            raise UnsupportedModelError(f"{family.name}: expected {family.attention_classes} attention modules, "
+                                        f"found {type(a).__name__}")
+    return attns
+
+
+def check_implementation(config, who: str) -> str:
+    """The model's attention implementation, if our attention function can wrap it (else a clear refusal)."""
+    impl = config._attn_implementation
+    if impl not in SUPPORTED_IMPLEMENTATIONS:
+        raise UnsupportedModelError(f"{who} run(s) with attn_implementation in {SUPPORTED_IMPLEMENTATIONS}; this model "
+                                    f"uses {impl!r}: load it with attn_implementation='sdpa'")
+    return impl
+
+
+def route_attention(attn: nn.Module, owner, index: int, impl: str, undo: Undo) -> None:
+    """Send ``attn`` through the shared "tokenreduce" attention function, to ``owner.attend(index, ...)``.
+
+    Only this module sees an instance-level config copy naming "tokenreduce"; the backbone keeps
+    the original config, so transformers still builds the masks of ``impl``. Undone by ``undo``.
+    """
+    if _SLOT in attn.__dict__:
+        raise StageError("this model already has tokenreduce methods attached; pass all methods to one apply()")
+    undo.set_instance_attr(attn, _SLOT, (owner, index))
+    undo.set_instance_attr(attn, "_tokenreduce_impl", impl)
+    cfg = copy.copy(attn.config)  # shallow
+    cfg._attn_implementation_internal = IMPL
+    undo.set_instance_attr(attn, "config", cfg)
+
+
 def find_decoder(model: nn.Module) -> tuple[DecoderFamily, nn.Module]:
     """(family, backbone) of the one supported causal-LM decoder inside ``model``."""
     found = []
@@ -121,16 +155,8 @@ class DecoderAttachment:
         self.family, self.backbone, self.method = family, backbone, method
         config = backbone.config
         self.layers = list(family.layers(backbone))
-        self.attns = [family.attention(layer) for layer in self.layers]
-        for a in self.attns:
-            if type(a).__name__ not in family.attention_classes:
-                raise UnsupportedModelError(f"{family.name}: expected {family.attention_classes} attention modules, "
-                                            f"found {type(a).__name__}")
-        impl = config._attn_implementation
-        if impl not in SUPPORTED_IMPLEMENTATIONS:
-            raise UnsupportedModelError(f"kv-cache methods run with attn_implementation in {SUPPORTED_IMPLEMENTATIONS} "
-                                        f"(masks of padded, compressed caches are built for those); this model uses "
-                                        f"{impl!r}: load it with attn_implementation='sdpa'")
+        self.attns = attention_modules(family, backbone)
+        impl = check_implementation(config, "kv-cache methods")  # the masks of padded, compressed caches
         layer_types = get_layer_types_and_kwargs(config)[0]
         full = tuple(i for i, t in enumerate(layer_types) if t == "full_attention")
         if not full:
@@ -167,16 +193,9 @@ class DecoderAttachment:
 
     # ------------------------------------------------------------------ attach / remove
     def _attach(self):
-        for a in self.attns:
-            if _SLOT in a.__dict__:
-                raise StageError("this model already has tokenreduce methods attached; pass all methods to one apply()")
         try:
             for i, attn in enumerate(self.attns):
-                self._undo.set_instance_attr(attn, _SLOT, (self, i))
-                self._undo.set_instance_attr(attn, "_tokenreduce_impl", self.impl)
-                cfg = copy.copy(attn.config)  # shallow: only this module sees "tokenreduce"; masks stay the model's
-                cfg._attn_implementation_internal = IMPL
-                self._undo.set_instance_attr(attn, "config", cfg)
+                route_attention(attn, self, i, self.impl, self._undo)
                 h1 = attn.register_forward_pre_hook(partial(self._before_attention, i), with_kwargs=True)
                 h2 = attn.register_forward_hook(partial(self._after_attention, i), with_kwargs=True)
                 self._undo += [h1.remove, h2.remove]

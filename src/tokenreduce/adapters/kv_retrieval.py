@@ -39,7 +39,6 @@ transfers as figures computed from tensor sizes, not measured.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,10 +51,9 @@ from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.method import DecoderInfo
 from ..core.stats import Stats
 from ..core.undo import Undo
-from .decoder import DecoderFamily, find_decoder
-from .encoder import _SLOT, IMPL, _original
+from .decoder import DecoderFamily, attention_modules, check_implementation, find_decoder, route_attention
+from .encoder import _original
 
-SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 # ---------------------------------------------------------------------------- RoPE helpers
@@ -166,16 +164,9 @@ class _Routed:
     def __init__(self, model: nn.Module, family: DecoderFamily, backbone: nn.Module):
         self.family, self.backbone = family, backbone
         config = backbone.config
-        self.impl = config._attn_implementation
-        if self.impl not in SUPPORTED_IMPLEMENTATIONS:
-            raise UnsupportedModelError(f"retrieval attention runs with attn_implementation in {SUPPORTED_IMPLEMENTATIONS}; "
-                                        f"this model uses {self.impl!r}: load it with attn_implementation='sdpa'")
+        self.impl = check_implementation(config, "retrieval attention")
         layers = list(family.layers(backbone))
-        attns = [family.attention(layer) for layer in layers]
-        for a in attns:
-            if type(a).__name__ not in family.attention_classes:
-                raise UnsupportedModelError(f"{family.name}: expected {family.attention_classes} attention modules, "
-                                            f"found {type(a).__name__}")
+        attns = attention_modules(family, backbone)
         types = get_layer_types_and_kwargs(config)[0]
         self.full = tuple(i for i, t in enumerate(types) if t == "full_attention")
         if not self.full:
@@ -197,16 +188,9 @@ class _Routed:
         self._undo = Undo()
 
     def route(self):
-        for a in self.attns:
-            if _SLOT in a.__dict__:
-                raise StageError("this model already has tokenreduce methods attached; pass all methods to one apply()")
         try:
             for k, attn in enumerate(self.attns):
-                self._undo.set_instance_attr(attn, _SLOT, (self, k))
-                self._undo.set_instance_attr(attn, "_tokenreduce_impl", self.impl)
-                cfg = copy.copy(attn.config)  # shallow: only this module sees "tokenreduce"; masks stay the model's
-                cfg._attn_implementation_internal = IMPL
-                self._undo.set_instance_attr(attn, "config", cfg)
+                route_attention(attn, self, k, self.impl, self._undo)
                 h = attn.register_forward_pre_hook(partial(self._before_attention, k), with_kwargs=True)
                 self._undo.append(h.remove)
             h = self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True)

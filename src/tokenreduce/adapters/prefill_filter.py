@@ -51,7 +51,6 @@ forward that continues a cache this method did not filter is refused.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -65,10 +64,9 @@ from ..core.kv import CompressedLayer, kv_bytes, select_kept
 from ..core.method import DecoderInfo, Method
 from ..core.stats import Stats
 from ..core.undo import Undo
-from .decoder import DecoderFamily
-from .encoder import _SLOT, IMPL, _original
+from .decoder import DecoderFamily, attention_modules, check_implementation, route_attention
+from .encoder import _SLOT, _original
 
-SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class PrefillFilterMethod(Method):
@@ -164,15 +162,8 @@ class PrefillFilterAttachment:
         self.family, self.backbone, self.method = family, backbone, method
         config = backbone.config
         self.layers = list(family.layers(backbone))
-        self.attns = [family.attention(layer) for layer in self.layers]
-        for a in self.attns:
-            if type(a).__name__ not in family.attention_classes:
-                raise UnsupportedModelError(f"{family.name}: expected {family.attention_classes} attention modules, "
-                                            f"found {type(a).__name__}")
-        impl = config._attn_implementation
-        if impl not in SUPPORTED_IMPLEMENTATIONS:
-            raise UnsupportedModelError(f"{method.name} runs with attn_implementation in {SUPPORTED_IMPLEMENTATIONS}; this "
-                                        f"model uses {impl!r}: load it with attn_implementation='sdpa'")
+        self.attns = attention_modules(family, backbone)
+        impl = check_implementation(config, method.name)
         layer_types = get_layer_types_and_kwargs(config)[0]
         if any(t != "full_attention" for t in layer_types):
             raise UnsupportedModelError(
@@ -207,15 +198,10 @@ class PrefillFilterAttachment:
 
     # ------------------------------------------------------------------ attach / remove
     def _attach(self):
-        attn = self.attns[self.filter_layer]
         if any(_SLOT in a.__dict__ for a in self.attns):
             raise StageError("this model already has tokenreduce methods attached; pass all methods to one apply()")
         try:
-            self._undo.set_instance_attr(attn, _SLOT, (self, self.filter_layer))
-            self._undo.set_instance_attr(attn, "_tokenreduce_impl", self.impl)
-            cfg = copy.copy(attn.config)  # shallow: only this module sees "tokenreduce"; masks stay the model's
-            cfg._attn_implementation_internal = IMPL
-            self._undo.set_instance_attr(attn, "config", cfg)
+            route_attention(self.attns[self.filter_layer], self, self.filter_layer, self.impl, self._undo)
             h1 = self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True)
             h2 = self.backbone.register_forward_hook(self._end, with_kwargs=True)
             self._undo += [h1.remove, h2.remove]
