@@ -35,7 +35,7 @@ test: install data
 
 demo: install data  # small runs: every encoder method, four kv-cache methods; `tokenreduce bench vit|kv --help` for more
 	$(BIN)/tokenreduce bench vit --n-train 500 --n-test 200 --batch-size 16 --timing-batches 2 --out results/vit
-	$(BIN)/tokenreduce bench kv --methods snapkv,streaming_llm,tova,h2o --ratios 0.25 --lengths 1000 --n 3 \
+	$(BIN)/tokenreduce bench kv --methods snapkv,streaming_llm,tova,h2o --ratios 0.5 --lengths 1000 --n 3 \
 	    --out results/kv
 
 clean:

@@ -65,7 +65,7 @@ def answer(model, tok, ids, sample, method=None):
 def attention_mass(model, method, ids, steps: int = 4) -> dict:
     """Share of the true attention mass on the attended entries (mean over steps, layers, query heads)."""
     with torch.no_grad(), tr.apply(model, method) as h:
-        att = h._attachments[0]
+        att = h.attachments["kv-cache"]
         cache = DynamicCache()
         t = model(torch.tensor([ids]), past_key_values=cache).logits[:, -1:].argmax(-1)
         att.trace = []
@@ -143,7 +143,7 @@ def main():
     else:
         ids = calibration_ids(tok, args.calib_tokens, args.seed)
         start = time.perf_counter()
-        method.calibrate(model, ids, chunk_size=2048, max_tokens=args.calib_tokens, iters=args.iters, seed=args.seed)
+        tr.calibrate(method, model, ids, chunk_size=2048, max_tokens=args.calib_tokens, iters=args.iters, seed=args.seed)
         calib_s = time.perf_counter() - start
         if args.codebooks is not None:
             method.save_codebooks(args.codebooks)

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 import tokenreduce as tr
-from tokenreduce.adapters.decoder import prefill_once
+from tokenreduce.runtime.prefill_once import prefill_once
 from tokenreduce.assets import haystack, llm
 
 METHODS = ["snapkv", "pyramidkv", "tova", "knorm", "streaming_llm", "h2o", "keyformer", "kvcrush", "kv_random"]

@@ -57,3 +57,22 @@ def photo_pixels():
     from tokenreduce.assets import natural_photos, preprocess
 
     return preprocess([p for _, p in natural_photos()[:4]])
+
+
+# ---------------------------------------------------------------------------- missing assets skip, with the reason
+def _asset_missing(excinfo) -> bool:
+    """An ImportError / FileNotFoundError raised from inside tokenreduce.assets: a model or dataset not installed."""
+    if not excinfo.errisinstance((ImportError, FileNotFoundError)):
+        return False
+    return any("tokenreduce/assets/" in str(entry.path).replace("\\", "/") for entry in excinfo.traceback)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test (or fixture) that needs an asset which is not installed is reported as skipped, saying which."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None and _asset_missing(call.excinfo):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0,
+                           f"Skipped: asset not installed: {call.excinfo.value}")

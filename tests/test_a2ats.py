@@ -12,7 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import tokenreduce as tr
-from tokenreduce.adapters.kv_retrieval import attend_selected, capture
+from tokenreduce.runtime.kv_retrieval import attend_selected, capture
 from tokenreduce.methods.a2ats import kmeans
 
 W = 2048  # windowed RoPE's fixed relative position (reference default)
@@ -28,7 +28,7 @@ def a2ats(**kw):
 
 
 def calibrated(model, method, tokens=256, seed=7):
-    return method.calibrate(model, prompt(tokens, seed=seed)[0], chunk_size=128, iters=20)
+    return tr.calibrate(method, model, prompt(tokens, seed=seed)[0], chunk_size=128, iters=20)
 
 
 # ---------------------------------------------------------------------------- plain references (paper formulas)
@@ -98,7 +98,7 @@ def test_registry_entry():
 def test_uncalibrated_or_mismatched_codebooks_raise_calibration_error_and_leave_model_alone():
     model = tiny_lm("llama")
     snap = snapshot(model)
-    with pytest.raises(tr.CalibrationError, match=r"calibrate\(model, token_ids\)"):
+    with pytest.raises(tr.CalibrationError, match=r"calibrate\(method, model, token_ids\)"):
         with tr.apply(model, a2ats()):
             pass
     assert_restored(model, snap)
@@ -110,7 +110,7 @@ def test_uncalibrated_or_mismatched_codebooks_raise_calibration_error_and_leave_
         tr.apply(model, m).__enter__()
     assert_restored(model, snap)
     with pytest.raises(tr.CalibrationError, match="token ids"):
-        a2ats().calibrate(model, "some text")
+        tr.calibrate(a2ats(), model, "some text")
     with pytest.raises(tr.BudgetError, match="window"):
         a2ats(window=0)
 
@@ -152,7 +152,7 @@ def test_scores_codes_and_selection_match_the_paper_formulas():
     ctx = prompt(40, seed=3)
     hooks = PreRope(model)
     with torch.no_grad(), tr.apply(model, method) as h:
-        h._attachments[0].trace = trace = []
+        h.attachments["kv-cache"].trace = trace = []
         cache = DynamicCache()
         out = model(ctx, past_key_values=cache)
         model(out.logits[:, -1:].argmax(-1), past_key_values=cache)  # one decoding step
@@ -212,12 +212,12 @@ def test_exact_codebook_retrieves_the_exact_top_k():
     model = tiny_lm("llama")
     ctx = prompt(48, seed=11)
     method = a2ats(keep_ratio=0.2, codebook_size=64, window=2, sink=1)
-    method.calibrate(model, ctx[0], chunk_size=64)
+    tr.calibrate(method, model, ctx[0], chunk_size=64)
     assert method.codebooks.size == 48  # every key is a codeword
     rot = rope_matrix(W, 16, model.config.rope_parameters["rope_theta"])
     hooks = PreRope(model)
     with torch.no_grad(), tr.apply(model, method) as h:
-        h._attachments[0].trace = trace = []
+        h.attachments["kv-cache"].trace = trace = []
         cache = DynamicCache()
         model(ctx, past_key_values=cache)
         model(prompt(1, seed=12), past_key_values=cache)
@@ -280,7 +280,7 @@ def test_keep_count_budget_and_placement_figures():
     method = calibrated(model, a2ats(keep_count=5, window=2, sink=1, codebook_size=16))
     ids = prompt(30)
     with torch.no_grad(), tr.apply(model, method) as h:
-        h._attachments[0].trace = trace = []
+        h.attachments["kv-cache"].trace = trace = []
         greedy(model, ids, new=3)
     assert all((t["picked"].sum(-1) == 5).all() for t in trace)
     for t in trace:  # GQA union: between k and g·k retrieved per KV head, plus sink and window
@@ -380,7 +380,7 @@ def test_smollm2_needle_at_1k_with_a_fifth_retrieved():
     model, tok = llm.load_smollm2()
     method = tr.get_method("a2ats", keep_ratio=0.2, codebook_size=256)
     essays = tok(hs.essays()[-40_000:], add_special_tokens=False)["input_ids"]
-    method.calibrate(model, essays[:4096], iters=8)
+    tr.calibrate(method, model, essays[:4096], iters=8)
     (sample,) = hs.needle_samples(tok, 1000, [0.5], 1, seed=0)
     a, b = hs.encode_prompt(tok, *hs.chat_prompt(tok, sample, question_in_prefix=True))
     kw = dict(max_new_tokens=sample["max_new_tokens"], do_sample=False, pad_token_id=tok.eos_token_id,

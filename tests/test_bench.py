@@ -223,13 +223,16 @@ def test_vit_runner_end_to_end(tmp_path):
     assert full["flops_ratio"] == pytest.approx(1.0) and full["final_tokens"] == 17
     assert full["speedup"] == pytest.approx(1.0) and full["full_img_per_s_min"] <= full["full_img_per_s_max"]
     assert tome["speedup"] == pytest.approx(tome["img_per_s"] / tome["full_img_per_s_paired"])
+    # one timed pair: its speedup is the row's, and one pair has no spread to flag
+    assert tome["speedup_pairs"] == [pytest.approx(tome["speedup"])] and tome["speedup_spread"] is None
+    assert tome["speedup_noisy"] is False and "speedup_pairs" not in full
     assert tome["flops_ratio"] < 0.8 and tome["final_tokens"] < 17
     assert tome["gflops_full"] == pytest.approx(full["gflops"])
     assert tome["fidelity"] < 1.0
     for r in rows:
         assert 0.0 <= r["knn_acc"] <= 1.0 and 0.0 <= r["probe_acc"] <= 1.0
         assert r["img_per_s"] > 0 and r["batch_size"] == 8 and r["device"] == "cpu" and r["torch"] == torch.__version__
-        assert r["timestamp"] and "params" in r
+        assert r["timestamp"] and "params" in r and r["bench"] == "vit" and "loadavg_end" in r
     assert full["probe_acc"] > 0.9  # prototypes are separable even through a random network
     back = read_jsonl(tmp_path / "results.jsonl")
     assert [r["method"] for r in back] == [FULL, "tome", "random"]
@@ -249,14 +252,17 @@ def test_vit_runner_caches_train_features_and_calibrates(tmp_path, monkeypatch):
     class CalibratedToMe(ToMe):  # not registered: the registry stays as it is
         needs_calibration = True
 
-        def calibrate(self, model, batches):
-            calls.append([b.shape[0] for b in batches])
-
     real = tokenreduce.get_method
     def get_method(name, **kw):
         return CalibratedToMe(**kw) if name == "tome" and kw["keep_ratio"] < 1 else real(name, **kw)
 
+    def calibrate(method, model, batches):
+        assert isinstance(method, CalibratedToMe)
+        calls.append([b.shape[0] for b in batches])
+        return method
+
     monkeypatch.setattr(tokenreduce, "get_method", get_method)
+    monkeypatch.setattr(tokenreduce, "calibrate", calibrate, raising=False)
     cfg = ViTBenchConfig(methods=["tome"], budgets=[0.75], batch_size=16, image_size=56, timing=False, out=None,
                          cache_dir=tmp_path, model_id="tiny", calib_images=36)
     model, data = _tiny_model(), _tiny_data(cache_key="tiny-data")

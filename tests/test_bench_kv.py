@@ -198,6 +198,12 @@ def test_kv_runner_one_setting_two_lengths_explicit_depths(tmp_path):
         assert r["prefill_ratio"] == pytest.approx(r["prefill_s"] / full["prefill_s"])
         assert r["decode_speedup"] == pytest.approx(r["decode_tok_s"] / full["decode_tok_s"])
         assert r["decode_steps"] <= 3 and 1 <= r["generated"] <= 2  # max_new_tokens=2: the suffix gives one
+        # one ratio per sample, against the full cache on the same sample; their spread flags a noisy ratio
+        # (the sum-over-sums ratio is a weighted mean of the per-sample ones, so it lies between them)
+        assert len(r["prefill_ratio_pairs"]) == 3 and r["prefill_ratio_pair_min"] == min(r["prefill_ratio_pairs"])
+        assert r["prefill_ratio_pair_min"] - 1e-9 <= r["prefill_ratio"] <= r["prefill_ratio_pair_max"] + 1e-9
+        assert r["prefill_ratio_noisy"] == (r["prefill_ratio_spread"] > 0.25)
+        assert len(r["decode_speedup_pairs"]) <= 3
 
 
 def test_make_samples_default_depths_spread():
@@ -255,6 +261,7 @@ def test_cli_runs_with_an_injected_model(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert printed.count("| full cache") == 2 and "| tova" in printed and "| knorm" in printed
     assert "## question-aware" in printed and "## question-agnostic" in printed
+    assert printed.rstrip().splitlines()[-1].startswith("accuracy = fraction of needles recalled; full cache = ")
     assert (out / "results.md").is_file() and (out / "pareto.png").is_file()
 
 

@@ -202,11 +202,11 @@ def images(k: int, seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def calibrated(model):
     calib = [images(4, s) for s in range(3)]
-    return DToMe(keep_ratio=0.5).calibrate(model, calib), calib
+    return tokenreduce.calibrate(DToMe(keep_ratio=0.5), model, calib), calib
 
 
 def test_uncalibrated_use_raises(model):
-    with pytest.raises(CalibrationError, match=r"\.calibrate\(model, batches\)"):
+    with pytest.raises(CalibrationError, match=r"calibrate\(method, model, batches\)"):
         with tokenreduce.apply(model, DToMe(r=4)):
             model(pixel_values=images(1, 0))
     with pytest.raises(CalibrationError):
@@ -264,7 +264,7 @@ def test_keep_ratio_one_is_the_full_model(model):
         with tokenreduce.apply(model, meth) as h:  # no calibration needed: nothing to merge
             out = model(pixel_values=x).last_hidden_state
         assert torch.allclose(out, full, atol=1e-6) and h.stats.flops_ratio == 1.0
-        assert meth.calibrate(model, [x]).thresholds == [1.0] * 4
+        assert tokenreduce.calibrate(meth, model, [x]).thresholds == [1.0] * 4
 
 
 def test_state_dict_roundtrip_and_restore(model, calibrated):
@@ -297,7 +297,7 @@ def test_real_dinov2(capsys):
 
     model = load_dinov2_small()
     train, _ = load_fashion_mnist("train")
-    meth = DToMe(keep_ratio=0.5).calibrate(model, fashion_to_pixels(train[:16]).split(8))
+    meth = tokenreduce.calibrate(DToMe(keep_ratio=0.5), model, fashion_to_pixels(train[:16]).split(8))
     test, _ = load_fashion_mnist("test")
     photos = natural_photos()[:2]
     x = torch.cat([fashion_to_pixels(test[:2]), preprocess([p for _, p in photos])])

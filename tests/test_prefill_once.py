@@ -7,7 +7,7 @@ from tiny_lm import left_pad, prompt, tiny_lm
 from transformers import DynamicCache
 
 import tokenreduce as tr
-from tokenreduce.adapters.decoder import prefill_once
+from tokenreduce.runtime.prefill_once import prefill_once
 
 METHODS = [("snapkv", dict(window_size=4)), ("pyramidkv", dict(window_size=4, beta=3)), ("h2o", {}),
            ("keyformer", dict(seed=2)), ("kvcrush", dict(base_params={"window_size": 4})), ("tova", {}),

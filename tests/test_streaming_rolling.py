@@ -7,7 +7,7 @@ from tiny_lm import greedy, left_pad, prompt, tiny_lm
 from transformers import DynamicCache
 
 import tokenreduce as tr
-from tokenreduce.adapters.decoder import prefill_once
+from tokenreduce.runtime.prefill_once import prefill_once
 
 
 def complex_rotate(k, delta, inv_freq):

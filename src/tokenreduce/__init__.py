@@ -10,15 +10,18 @@
     print(h.stats.kv_bytes_ratio, h.stats.kv_kept_per_layer)
 """
 
-from .core.attach import Handle, apply, patch
+from .runtime.attach import STAGES, Handle, apply, patch
+from .runtime.calibration import calibrate
+from .runtime.prefill_once import prefill_once
 from .core.budget import KeepCount, KeepRatio, Schedule, Threshold
-from .core.errors import (BudgetError, CalibrationError, MissingDependencyError, NeverFiredError, StageError,
-                          TokenReduceError, UnsupportedModelError)
+from .core.errors import (BudgetError, CalibrationError, MissingDependencyError, NeverFiredError, ParameterError,
+                          StageError, TokenReduceError, UnknownParameterError, UnsupportedModelError)
 from .core.reduction import Reduction
 from .core.registry import MethodInfo, get_method, list_methods
 
 __version__ = "0.1.0"
 
-__all__ = ["apply", "patch", "Handle", "get_method", "list_methods", "MethodInfo", "Reduction", "KeepRatio",
+__all__ = ["apply", "patch", "Handle", "STAGES", "prefill_once", "calibrate", "get_method", "list_methods", "MethodInfo", "Reduction", "KeepRatio",
            "KeepCount", "Schedule", "Threshold", "TokenReduceError", "UnsupportedModelError", "BudgetError",
-           "StageError", "NeverFiredError", "MissingDependencyError", "CalibrationError"]
+           "StageError", "ParameterError", "UnknownParameterError", "NeverFiredError", "MissingDependencyError",
+           "CalibrationError"]

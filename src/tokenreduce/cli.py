@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_list = sub.add_parser("list", help="table of registered methods")
     p_list.add_argument("--stage", default=None, help="only methods of this stage (encoder, connector, decoder, ...)")
+    p_list.set_defaults(subparser=p_list)
 
     p_bench = sub.add_parser("bench", help="run a benchmark")
     bsub = p_bench.add_subparsers(dest="bench", metavar="{vit,kv,vlm}")
@@ -138,9 +139,9 @@ def methods_table(stage: str | None = None) -> str:
     rows = [{"name": i.name, "stage": i.stage, "arxiv": i.arxiv, "paper": i.paper,
              "training_free": "yes" if i.training_free else "no",
              "calibration": "yes" if i.needs_calibration else "no",
-             "params": ", ".join(i.native_params) or "—"} for i in list_methods(stage)]
+             "params": i.params_text() or "—"} for i in list_methods(stage)]
     cols = [Column("name"), Column("stage"), Column("arxiv", "arXiv"), Column("paper"),
-            Column("training_free", "training-free"), Column("calibration"), Column("params", "native params")]
+            Column("training_free", "training-free"), Column("calibration"), Column("params", "native params (defaults)")]
     return markdown_table(rows, cols)
 
 
@@ -215,7 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "list":
-            print(methods_table(args.stage))
+            try:
+                table = methods_table(args.stage)
+            except TokenReduceError as e:  # an unknown --stage is a usage error
+                args.subparser.error(str(e))
+            print(table)
             return 0
         if args.bench == "vit":
             return _bench_vit(args, args.subparser)

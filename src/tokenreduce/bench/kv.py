@@ -12,7 +12,7 @@ in each of two settings —
 
 1. the prefix is prefilled into a ``DynamicCache`` compressed by the method. By default
    (``shared_prefill``) the prefix is prefilled once for all methods that compress at
-   prefill (`adapters.decoder.prefill_once`: the same caches, bit for bit, as one prefill
+   prefill (`prefill_once`: the same caches, bit for bit, as one prefill
    per method, because compression does not change a prefill's hidden states); their
    prefill time is that shared forward plus the method's own scoring and compression.
    Methods that re-position or retrieve (rolling StreamingLLM, A²ATS) and other stages
@@ -28,7 +28,11 @@ same samples, prefill time, decode tokens/s (one-token steps / their time), and 
 (sampled RSS delta on CPU, ``max_memory_allocated`` on CUDA). Timings are taken side by side:
 the full cache and every method run on one sample before the next sample starts, so the ratios
 to the full cache (``prefill_ratio``, ``decode_speedup``) compare numbers measured under the
-same machine load; the absolute numbers drift with the load.
+same machine load; the absolute numbers drift with the load. Each ratio comes with the spread
+of its per-sample ratios (`runner.pair_spread`); a spread over 25 % is flagged noisy.
+
+The grid, the loop over samples, the environment and the report files are `runner`'s; this
+module is the task: samples, prompts, prefill, decoding, scoring.
 
 Model and tokenizer can be injected (`run_kv_bench(cfg, model=..., tokenizer=...)`), so the
 runner is tested on a tiny random Llama and a toy tokenizer in seconds.
@@ -36,30 +40,27 @@ runner is tested on a tiny random Llama and a toy tokenizer in seconds.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import gc
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..core.errors import BudgetError, StageError, UnsupportedModelError
-from .report import Column, markdown_table, sort_rows, to_jsonable, write_jsonl
-from .timing import RSSSampler, memory_label, sync
+from . import runner
+from .decoding import Decoded, cache_bytes, compressed_prefill, forkable, greedy_decode, shared_prefills  # noqa: F401
+from .report import Column, markdown_table, sort_rows
+from .runner import FULL, Cell, SpreadColumn, Task, Unit
+from .timing import peak_memory
 
 __all__ = ["KVBenchConfig", "SETTINGS", "TASKS", "MODELS", "FULL", "kv_method_names", "check_methods",
            "check_ratios", "check_lengths", "check_depths", "check_config", "load_model", "make_samples",
            "compressed_prefill", "greedy_decode", "stop_ids", "run_kv_bench", "kv_columns", "kv_tables",
            "write_kv_report"]
 
-FULL = "none"  # the method name of the full-cache rows (as in bench vit)
 MIN_LENGTH = 64  # shortest context worth a haystack (the needle sentence + some essay)
 
 # setting -> (question inside the compressed prefix?, the title every report uses)
@@ -96,46 +97,21 @@ class KVBenchConfig:
 
 
 # ---------------------------------------------------------------------------- checks (before anything loads)
+# ---------------------------------------------------------------------------- checks (before anything loads)
 def kv_method_names() -> list[str]:
-    from ..core.registry import list_methods
-
-    return [i.name for i in list_methods(stage="kv-cache")]
+    return runner.method_names("kv-cache")
 
 
 def check_methods(names: Sequence[str]) -> list[str]:
     """Registered kv-cache methods, or a `StageError` naming the known ones."""
-    from ..core.registry import list_methods
-
-    stages = {i.name: i.stage for i in list_methods()}
-    known = ", ".join(kv_method_names())
-    names = [n.strip() for n in names if n.strip()]
-    if not names:
-        raise StageError(f"no methods given; known kv-cache methods: {known}")
-    for n in names:
-        if n in (FULL, "full"):
-            raise StageError("the full cache is always measured next to every method; do not list it")
-        if n not in stages:
-            raise StageError(f"unknown method {n!r}; known kv-cache methods: {known}")
-        if stages[n] != "kv-cache":
-            raise StageError(f"method {n!r} works at the {stages[n]} stage, not on a KV cache; "
-                             f"known kv-cache methods: {known}")
-    if len(set(names)) != len(names):
-        raise StageError(f"method listed twice: {', '.join(names)}")
-    return names
+    return runner.check_methods(names, "kv-cache", "on a KV cache", full_names=(FULL, "full"),
+                                full_message="the full cache is always measured next to every method; do not list it")
 
 
 def check_ratios(ratios: Sequence[float]) -> list[float]:
-    out = [float(r) for r in ratios]
-    if not out:
-        raise BudgetError("no ratios given, e.g. --ratios 0.5,0.25,0.1")
-    for r in out:
-        if not 0.0 < r <= 1.0:
-            raise BudgetError(f"ratio {r:g} is out of range: a ratio is the keep_ratio, the fraction of the context's "
-                              "cache entries kept, in (0, 1] (kvpress's compression_ratio is 1 - keep_ratio), "
-                              "e.g. --ratios 0.5,0.25,0.1")
-    if len(set(out)) != len(out):
-        raise BudgetError(f"ratio listed twice: {', '.join(f'{r:g}' for r in out)}")
-    return out
+    return runner.check_keep_ratios(
+        ratios, "ratio", "the keep_ratio, the fraction of the context's cache entries kept, in (0, 1] (kvpress's "
+        "compression_ratio is 1 - keep_ratio)", "--ratios 0.5,0.25,0.1")
 
 
 def check_lengths(lengths: Sequence[int], ratios: Sequence[float] = ()) -> list[int]:
@@ -249,120 +225,6 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- one prompt
-def _cache_bytes(cache) -> int:
-    from ..core.kv import kv_bytes
-
-    return sum(kv_bytes(layer) for layer in cache.layers)
-
-
-@contextlib.contextmanager
-def compressed_prefill(model: nn.Module, prefix_ids: torch.Tensor, method=None, prefilled: tuple | None = None
-                       ) -> Iterator[tuple]:
-    """Prefill ``prefix_ids`` [1, N] into a fresh cache compressed by ``method`` (None: the full cache).
-
-    A context manager yielding ``(cache, stats, seconds)``: ``stats`` the attachment's
-    `Stats` (None for the full cache), ``seconds`` the prefill's wall time (the model's
-    forward, synchronised). The method stays attached until the block exits, so decoding
-    inside the block runs with it (decode-time eviction needs that).
-
-    ``prefilled``: ``(cache, stats, seconds)`` already made by `shared_prefills`; then no
-    forward runs here, the method is only attached for decoding.
-    """
-    import tokenreduce
-    from transformers import DynamicCache
-
-    device = prefix_ids.device
-    with torch.inference_mode(), (tokenreduce.apply(model, method) if method is not None
-                                  else contextlib.nullcontext()) as handle:
-        # with the config, as generate() makes it: sliding-window layers (Gemma 3) then hold only their window
-        if prefilled is not None:
-            yield prefilled
-            return
-        cache = DynamicCache(config=model.config)
-        sync(device)
-        t0 = time.perf_counter()
-        model(input_ids=prefix_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        sync(device)
-        seconds = time.perf_counter() - t0
-        yield cache, (handle.stats if handle is not None else None), seconds
-
-
-def forkable(method) -> bool:
-    """Whether `prefill_once` can make ``method``'s cache (a kv method that compresses at prefill only)."""
-    from ..core.method import KVMethod
-
-    return isinstance(method, KVMethod) and not method.repositions and not getattr(method, "retrieval", False)
-
-
-def shared_prefills(model: nn.Module, prefix_ids: torch.Tensor, methods: list) -> list[tuple]:
-    """``(cache, stats, seconds)`` per method from one prefill: seconds = the shared forward + the method's own
-    compression."""
-    from ..adapters.decoder import prefill_once
-
-    device = prefix_ids.device
-    with torch.inference_mode():
-        sync(device)
-        t0 = time.perf_counter()
-        _, forks = prefill_once(model, prefix_ids, methods, logits_to_keep=1)
-        sync(device)
-        total = time.perf_counter() - t0
-    forward = total - sum(f[2] for f in forks)
-    return [(cache, stats, forward + own) for cache, stats, own in forks]
-
-
-@dataclass
-class Decoded:
-    tokens: list[int]  # generated ids (the stop token included, if one came)
-    suffix_s: float  # the suffix's forward (the rest of the prompt), which also yields the first token
-    decode_s: float  # the one-token steps after it
-    steps: int  # one-token forwards run
-
-
-def greedy_decode(model: nn.Module, cache, suffix_ids: torch.Tensor, max_new_tokens: int,
-                  stop: Sequence[int] = ()) -> Decoded:
-    """Greedy decoding after a prefilled ``cache``: the suffix in one forward, then one token at a time.
-
-    The first new token comes from the suffix's forward; every further one costs one step.
-    Stops after a token in ``stop`` or ``max_new_tokens`` tokens. Written out (not
-    ``generate``) so the steps are timed exactly and nothing else runs in between.
-    """
-    device = suffix_ids.device
-    stop = {int(s) for s in stop}
-    with torch.inference_mode():
-        sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=suffix_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = int(out.logits[0, -1].argmax())
-        sync(device)
-        suffix_s = time.perf_counter() - t0
-        tokens = [token]
-        step = torch.empty(1, 1, dtype=torch.long, device=device)
-        t0 = time.perf_counter()
-        while len(tokens) < max_new_tokens and token not in stop:
-            step.fill_(token)
-            out = model(input_ids=step, past_key_values=cache, use_cache=True)
-            token = int(out.logits[0, -1].argmax())  # .item() synchronises
-            tokens.append(token)
-        sync(device)
-        decode_s = time.perf_counter() - t0
-    return Decoded(tokens, suffix_s, decode_s, len(tokens) - 1)
-
-
-@contextlib.contextmanager
-def _peak_memory(device: torch.device):
-    """Yields a dict whose ``mb`` is set on exit: CUDA allocator peak or sampled RSS delta, in MiB."""
-    box: dict = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        yield box
-        box["mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        with RSSSampler() as s:
-            yield box
-        box["mb"] = s.peak_delta / 2**20
-
-
 def run_prompt(model: nn.Module, tokenizer, sample: dict, prefix: list[int], suffix: list[int], method=None,
                stop: Sequence[int] = (), device="cpu", max_new_tokens: int | None = None,
                prefilled: tuple | None = None) -> dict:
@@ -373,12 +235,12 @@ def run_prompt(model: nn.Module, tokenizer, sample: dict, prefix: list[int], suf
     a = torch.tensor([prefix], device=device)
     b = torch.tensor([suffix], device=device)
     gc.collect()
-    with _peak_memory(device) as mem:
+    with peak_memory(device) as mem:
         with compressed_prefill(model, a, method, prefilled) as (cache, stats, prefill_s):
-            kv_prefill = _cache_bytes(cache)
+            kv_prefill = cache_bytes(cache)
             budget = int(sample["max_new_tokens"])
             dec = greedy_decode(model, cache, b, min(budget, max_new_tokens or budget), stop)
-            kv_end = _cache_bytes(cache)
+            kv_end = cache_bytes(cache)
         del cache
     text = tokenizer.decode(dec.tokens, skip_special_tokens=True)
     out = {"score": haystack.score(sample, text), "output": text, "prefill_s": prefill_s, "suffix_s": dec.suffix_s,
@@ -392,111 +254,24 @@ def run_prompt(model: nn.Module, tokenizer, sample: dict, prefix: list[int], suf
     return out
 
 
-# ---------------------------------------------------------------------------- runner
-def _method_params(method) -> dict:
-    params = {k: v for k, v in vars(method).items() if not k.startswith("_") and k not in ("budget", "count")}
-    return to_jsonable(params)
-
-
-def _params_text(method) -> str:
-    """``describe()`` without the budget, which has its own columns."""
-    parts = [p.strip() for p in method.describe().split(",")]
-    return ", ".join(p for p in parts if not p.startswith(("keep_ratio=", "keep_count="))) or "—"
-
-
-def _build_runs(names: Sequence[str], ratios: Sequence[float], log) -> tuple[list[tuple], list[dict]]:
-    """(name, ratio, method) for every runnable pair, and the skipped ones with their reasons."""
-    import tokenreduce
-
-    infos = {i.name: i for i in tokenreduce.list_methods("kv-cache")}
-    runs, skipped = [], []
-    for name in names:
-        if infos[name].needs_calibration:
-            skipped.append({"method": name, "reason": "needs calibration (not run by this benchmark)"})
-            continue
-        for r in ratios:
-            try:
-                runs.append((name, r, tokenreduce.get_method(name, keep_ratio=r)))
-            except BudgetError as e:
-                skipped.append({"method": name, "keep_ratio": r, "reason": f"no keep_ratio budget: {e}"})
-    for s in skipped:
-        log(f"skipping {s['method']}" + (f" @ {s['keep_ratio']:g}" if "keep_ratio" in s else "") + f": {s['reason']}")
-    return runs, skipped
-
-
-def _check_attachable(model: nn.Module, runs: list[tuple], log) -> tuple[list[tuple], list[dict]]:
-    """Attach each method once (no forward): an unsupported model fails now, a method that refuses it is skipped."""
-    import tokenreduce
-
-    ok, skipped, refused = [], [], {}
-    for name, r, method in runs:
-        if name in refused:
-            continue
-        try:
-            with tokenreduce.apply(model, method):
-                pass
-        except UnsupportedModelError:
-            raise
-        except StageError as e:
-            refused[name] = str(e)
-            skipped.append({"method": name, "reason": f"refuses this model: {e}"})
-            log(f"skipping {name}: refuses this model: {e}")
-            continue
-        ok.append((name, r, method))
-    return [run for run in ok if run[0] not in refused], skipped
-
-
-def _environment(cfg: KVBenchConfig, model: nn.Module) -> dict:
-    import transformers
-
-    import tokenreduce
-
-    dtype = next(model.parameters()).dtype
-    env = {"device": str(cfg.device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "transformers": transformers.__version__,
-           "tokenreduce": tokenreduce.__version__, "python": platform.python_version(),
-           "cpu": platform.processor() or platform.machine(), "mem_kind": memory_label(cfg.device)}
-    if torch.device(cfg.device).type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(torch.device(cfg.device))
-    return env
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(progress: bool, total: int):
-    if not progress:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="bench kv", unit="run", leave=False, file=sys.stderr, dynamic_ncols=True)
-
-
-def _warmup(model, prefix: list[int], suffix: list[int], runs, device, log) -> None:
+def _warmup(model, prefix: list[int], suffix: list[int], cells: Sequence[Cell], device, log) -> None:
     """One short untimed prefill + 2 decoding steps per method, so one-off costs stay out of the timings."""
     d = torch.device(device)
     short, rest = torch.tensor([prefix[:256]], device=d), torch.tensor([suffix], device=d)
     t0 = time.perf_counter()
-    for method in [None] + [m for _, _, m in runs]:
+    for method in [None] + [c.obj for c in cells]:
         with compressed_prefill(model, short, method) as (cache, _, _):
             greedy_decode(model, cache, rest, 3)
     log(f"warm-up: {time.perf_counter() - t0:.1f} s")
 
 
+def _tok_s(run: dict) -> float | None:
+    return run["steps"] / run["decode_s"] if run["decode_s"] > 0 and run["steps"] else None
+
+
 def _aggregate(runs: list[dict], full: list[dict]) -> dict:
-    """Means over samples; ratios against the full cache's runs of the same samples (sums over sums)."""
+    """Means over samples; ratios against the full cache's runs of the same samples (sums over sums), with the
+    spread of the per-sample ratios (`runner.spread_fields`)."""
     n = len(runs)
 
     def tot(rs, k):
@@ -524,11 +299,89 @@ def _aggregate(runs: list[dict], full: list[dict]) -> dict:
     }
     row["kv_mb_prefill"] = row["kv_bytes_prefill"] / 2**20
     row["kv_mb_end"] = row["kv_bytes_end"] / 2**20
+    row.update(runner.spread_fields("prefill_ratio", [r["prefill_s"] / f["prefill_s"] for r, f in zip(runs, full)]))
+    pairs = [(_tok_s(r), _tok_s(f)) for r, f in zip(runs, full)]
+    row.update(runner.spread_fields("decode_speedup", [a / b if a and b else None for a, b in pairs]))
     if all("kv_kept" in r for r in runs):
         row["kv_kept"] = tot(runs, "kv_kept") / n
         row["kv_layers"] = runs[0]["kv_layers"]
         row["scoring_gflops"] = tot(runs, "scoring_gflops") / n
     return row
+
+
+class _KVTask(Task):
+    """Long-context retrieval per (sample, setting): the full cache, then every cell on the same prompt."""
+
+    bench = "kv"
+
+    def __init__(self, cfg: KVBenchConfig, model: nn.Module, tokenizer, names: list[str], cells: list[Cell], log):
+        self.cfg, self.model, self.tokenizer, self.names, self.cells, self.log = cfg, model, tokenizer, names, cells, log
+        self.device, self.stop, self.settings = torch.device(cfg.device), stop_ids(tokenizer), _settings(cfg.setting)
+        self.shared_for, self.shared = None, {}
+
+    def prepare(self, out):
+        from ..assets import haystack
+
+        cfg = self.cfg
+        self.samples = {n: make_samples(self.tokenizer, cfg.task, n, cfg.n, cfg.seed, cfg.depths) for n in cfg.lengths}
+        if out is not None:
+            haystack.save_samples([s for n in cfg.lengths for s in self.samples[n]], out / "samples.jsonl")
+        self.out = out
+
+    def header(self, grid):
+        cfg = self.cfg
+        return {"methods": list(self.names), "ratios": list(cfg.ratios), "lengths": list(cfg.lengths),
+                "settings": {s: SETTINGS[s][1] for s in self.settings}, "n": cfg.n,
+                "depths": cfg.depths if cfg.depths is not None else _spread(cfg.n), "skipped": grid.skipped,
+                "max_new_tokens": cfg.max_new_tokens, "stop_ids": self.stop,
+                "samples_file": "samples.jsonl" if self.out is not None else None, "shared_prefill": cfg.shared_prefill}
+
+    def groups(self):
+        from ..assets import haystack
+
+        for length in self.cfg.lengths:
+            yield length, [Unit(setting, (sample, *haystack.encode_prompt(self.tokenizer, *haystack.chat_prompt(
+                self.tokenizer, sample, question_in_prefix=SETTINGS[setting][0]))))
+                           for sample in self.samples[length] for setting in self.settings]
+
+    def warmup(self, unit, cells):
+        if self.cfg.warmup:
+            _warmup(self.model, unit.data[1], unit.data[2], cells, self.device, self.log)
+
+    def run(self, group, unit, cell):
+        sample, prefix, suffix = unit.data
+        if not cell.full and self.cfg.shared_prefill and self.shared_for is not unit:
+            self.shared_for, self.shared = unit, {}  # one prefill for every method that compresses at prefill only
+            todo = [c for c in self.cells if forkable(c.obj)]
+            if todo:
+                made = shared_prefills(self.model, torch.tensor([prefix], device=self.device), [c.obj for c in todo])
+                self.shared = dict(zip(todo, made))
+                del made
+        res = run_prompt(self.model, self.tokenizer, sample, prefix, suffix, cell.obj, self.stop, self.device,
+                         self.cfg.max_new_tokens, prefilled=self.shared.pop(cell, None))
+        res["sample_id"] = sample["id"]
+        return res
+
+    def row(self, length, setting, cell, runs, full_runs):
+        method, samples = cell.obj, self.samples[length]
+        return {"record": "result", "setting": setting, "setting_title": SETTINGS[setting][1],
+                "question_in_prefix": SETTINGS[setting][0], "length": length, "method": cell.method,
+                "keep_ratio": cell.budget, "compression": round(1.0 - cell.budget, 10),
+                "params": runner.method_params(method, drop=("budget", "count")) if method is not None else {},
+                "params_text": runner.params_text(method) if method is not None else None,
+                "method_repr": repr(method) if method is not None else "full cache",
+                "evicts_during_decode": bool(getattr(method, "evicts_during_decode", False)),
+                **_aggregate(runs, full_runs), "sample_ids": [r["sample_id"] for r in runs],
+                "depths": [s["depth"] for s in samples],
+                "context_tokens": sum(s["context_tokens"] for s in samples) / len(samples)}
+
+    def log_line(self, row, full_row):
+        return (f"{row['setting']}, {row['length']} tokens, {row['method']} @ {row['keep_ratio']:g}: accuracy "
+                f"{row['accuracy']:.2f} (full cache {full_row['accuracy']:.2f}), KV {row['kv_ratio']:.3f} of full, "
+                f"prefill x{row['prefill_ratio']:.2f}, decode {row['decode_tok_s'] or 0:.1f} tok/s")
+
+    def report(self, rows, out, header):
+        write_kv_report(rows, out, header)
 
 
 def run_kv_bench(cfg: KVBenchConfig | None = None, model: nn.Module | None = None, tokenizer=None,
@@ -539,13 +392,11 @@ def run_kv_bench(cfg: KVBenchConfig | None = None, model: nn.Module | None = Non
     (default: ``cfg.model`` from `tokenreduce.assets.llm`).
     """
     cfg = check_config(cfg or KVBenchConfig())
+    t_start = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     names = cfg.methods if cfg.methods is not None else kv_method_names()
-    runs, skipped = _build_runs(names, cfg.ratios, log)  # bad parameters fail before the model loads
-    settings = _settings(cfg.setting)
-    t_start = time.perf_counter()
-    load_start = _loadavg()
-
+    # bad parameters fail before the model loads
+    grid = runner.build_grid(names, cfg.ratios, skip_calibrated=True, skip_bad_budgets=True, log=log)
     if model is None or tokenizer is None:
         if model is not None or tokenizer is not None:
             raise ValueError("inject both model and tokenizer, or neither")
@@ -554,110 +405,11 @@ def run_kv_bench(cfg: KVBenchConfig | None = None, model: nn.Module | None = Non
     else:
         model = model.to(cfg.device).eval()
         model_id = cfg.model_id or Path(getattr(model.config, "_name_or_path", "") or "").name or type(model).__name__
-    runs, refused = _check_attachable(model, runs, log)
-    skipped += refused
-    if not runs:
-        raise StageError("no method left to run: " + "; ".join(f"{s['method']}: {s['reason']}" for s in skipped))
-    device = torch.device(cfg.device)
-    stop = stop_ids(tokenizer)
-    env = _environment(cfg, model)
-    common = {"bench": "kv", "model": model_id, "task": cfg.task, "seed": cfg.seed, **env}
-
-    out = Path(cfg.out) if cfg.out is not None else None
-    jsonl = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        jsonl = out / "results.jsonl"
-        jsonl.write_text("")
-
-    from ..assets import haystack
-
-    all_samples: dict[int, list[dict]] = {}
-    for length in cfg.lengths:
-        all_samples[length] = make_samples(tokenizer, cfg.task, length, cfg.n, cfg.seed, cfg.depths)
-    if out is not None:
-        haystack.save_samples([s for length in cfg.lengths for s in all_samples[length]], out / "samples.jsonl")
-
-    header = {"record": "header", **common, "methods": [n for n in names], "ratios": list(cfg.ratios),
-              "lengths": list(cfg.lengths), "settings": {s: SETTINGS[s][1] for s in settings}, "n": cfg.n,
-              "depths": cfg.depths if cfg.depths is not None else _spread(cfg.n), "skipped": skipped,
-              "max_new_tokens": cfg.max_new_tokens, "stop_ids": stop, "samples_file": "samples.jsonl" if out is not None else None,
-              "loadavg_start": load_start, "shared_prefill": cfg.shared_prefill,
-              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if jsonl is not None:
-        write_jsonl([header], jsonl)
-
-    total = len(cfg.lengths) * cfg.n * len(settings) * (1 + len(runs))
-    bar = _bar(progress, total)
-    rows: list[dict] = []
-    first = True
-    try:
-        for length in cfg.lengths:
-            samples = all_samples[length]
-            results: dict[tuple, list[dict]] = {}
-            for sample in samples:
-                for setting in settings:
-                    prefix, suffix = haystack.encode_prompt(
-                        tokenizer, *haystack.chat_prompt(tokenizer, sample, question_in_prefix=SETTINGS[setting][0]))
-                    if first and cfg.warmup:
-                        _warmup(model, prefix, suffix, runs, device, log)
-                        first = False
-                    # the full cache first, then every method on the same prompt, side by side
-                    shared = {}
-                    for name, ratio, method in [(FULL, 1.0, None)] + runs:
-                        if method is not None and cfg.shared_prefill and not shared:
-                            todo = [(n, r, m) for n, r, m in runs if forkable(m)]
-                            if todo:
-                                a = torch.tensor([prefix], device=device)
-                                made = shared_prefills(model, a, [m for _, _, m in todo])
-                                shared = {(n, r): f for (n, r, _), f in zip(todo, made)}
-                                del made
-                        res = run_prompt(model, tokenizer, sample, prefix, suffix, method, stop, device,
-                                         cfg.max_new_tokens, prefilled=shared.pop((name, ratio), None))
-                        res["sample_id"] = sample["id"]
-                        results.setdefault((setting, name, ratio), []).append(res)
-                        bar.update(1)
-            new_rows = []
-            for setting in settings:
-                full = results[(setting, FULL, 1.0)]
-                for name, ratio, method in [(FULL, 1.0, None)] + runs:
-                    res = results[(setting, name, ratio)]
-                    row = {"record": "result", "setting": setting, "setting_title": SETTINGS[setting][1],
-                           "question_in_prefix": SETTINGS[setting][0], "length": length, "method": name,
-                           "keep_ratio": ratio, "compression": round(1.0 - ratio, 10),
-                           "params": _method_params(method) if method is not None else {},
-                           "params_text": _params_text(method) if method is not None else None,
-                           "method_repr": repr(method) if method is not None else "full cache",
-                           "evicts_during_decode": bool(getattr(method, "evicts_during_decode", False)),
-                           **_aggregate(res, full), "sample_ids": [r["sample_id"] for r in res],
-                           "depths": [s["depth"] for s in samples],
-                           "context_tokens": sum(s["context_tokens"] for s in samples) / len(samples),
-                           **common,
-                           "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-                    new_rows.append(row)
-                    if name != FULL:
-                        log(f"{setting}, {length} tokens, {name} @ {ratio:g}: accuracy {row['accuracy']:.2f} "
-                            f"(full cache {_acc(new_rows, setting):.2f}), KV {row['kv_ratio']:.3f} of full, "
-                            f"prefill x{row['prefill_ratio']:.2f}, decode {row['decode_tok_s'] or 0:.1f} tok/s")
-            rows += new_rows
-            if jsonl is not None:
-                write_jsonl(new_rows, jsonl, append=True)
-    finally:
-        bar.close()
-
-    elapsed = time.perf_counter() - t_start
-    header["run_s"] = elapsed
-    header["loadavg_end"] = _loadavg()
-    for r in rows:
-        r["run_s"] = elapsed
-    if out is not None:
-        write_jsonl([header] + rows, jsonl)  # rewrite: run time and the load at the end
-        write_kv_report(rows, out, header)
-    return rows
-
-
-def _acc(rows: list[dict], setting: str) -> float:
-    return next(r["accuracy"] for r in rows if r["setting"] == setting and r["method"] == FULL)
+    grid = runner.check_attachable(model, grid, log)
+    common = {"bench": "kv", "model": model_id, "task": cfg.task, "seed": cfg.seed,
+              **runner.environment(cfg.device, model)}
+    task = _KVTask(cfg, model, tokenizer, list(names), grid.cells, log)
+    return runner.run_grid(task, grid, cfg.out, common, progress, log, t_start=t_start)
 
 
 # ---------------------------------------------------------------------------- report
@@ -670,8 +422,8 @@ def kv_columns(rows: Sequence[dict]) -> list[Column]:
         Column("accuracy", "accuracy", ".3f"), Column("n", "n"),
         Column("kv_mb_prefill", "KV MB prefill", ".2f"), Column("kv_mb_end", "KV MB end", ".2f"),
         Column("kv_ratio", "KV / full", ".3f"),
-        Column("prefill_s", "prefill s", ".2f"), Column("prefill_ratio", "prefill / full", ".2f"),
-        Column("decode_tok_s", "decode tok/s", ".1f"), Column("decode_speedup", "decode / full", ".2f"),
+        Column("prefill_s", "prefill s", ".2f"), SpreadColumn("prefill_ratio", "prefill / full", ".2f"),
+        Column("decode_tok_s", "decode tok/s", ".1f"), SpreadColumn("decode_speedup", "decode / full", ".2f"),
         Column("peak_mem_mb", mem, ".1f"), Column("params_text", "params"),
     ]
 
@@ -692,14 +444,30 @@ def _groups(rows: Sequence[dict]) -> list[tuple[str, int, list[dict]]]:
     return [(s, n, _sorted([r for r in rows if (r["setting"], r["length"]) == (s, n)])) for s, n in keys]
 
 
+_RECALLED = {"needle": "needles recalled", "multikey": "asked keys' values recalled",
+             "multivalue": "expected values recalled", "vt": "chain variables named"}
+
+
+def kv_legend(rows: Sequence[dict]) -> str:
+    """The line under the tables: what accuracy is and what the ratios compare."""
+    task = next((r.get("task") for r in rows), None)
+    line = (f"accuracy = fraction of {_RECALLED.get(task, 'expected values recalled')}; full cache = the uncompressed "
+            "cache on the same samples; KV / full, prefill / full and decode / full are ratios to it, measured side "
+            "by side, sample by sample")
+    if any(r.get("prefill_ratio_noisy") or r.get("decode_speedup_noisy") for r in rows):
+        line += f"; noisy = the per-sample ratios spread by more than {runner.NOISY_SPREAD:.0%} of their median"
+    return line + "."
+
+
+def _tables(rows: Sequence[dict]) -> list[tuple[str, list[dict], list[Column]]]:
+    return [(f"{SETTINGS[setting][1]} — {length}-token contexts", group, kv_columns(group))
+            for setting, length, group in _groups(rows)]
+
+
 def kv_tables(rows: Sequence[dict]) -> str:
-    """One Markdown table per (setting, length), each under a heading that names the setting."""
+    """One Markdown table per (setting, length), each under a heading that names the setting, then `kv_legend`."""
     rows = [r for r in rows if r.get("record", "result") == "result"]
-    parts = []
-    for setting, length, group in _groups(rows):
-        parts.append(f"## {SETTINGS[setting][1]} — {length}-token contexts\n\n"
-                     + markdown_table(group, kv_columns(group)) + "\n")
-    return "\n".join(parts)
+    return "\n".join([f"## {h}\n\n" + markdown_table(g, c) + "\n" for h, g, c in _tables(rows)] + [kv_legend(rows)])
 
 
 def write_kv_report(rows: Sequence[dict], out: str | Path, header: dict | None = None) -> dict[str, Path]:
@@ -743,15 +511,10 @@ def write_kv_report(rows: Sequence[dict], out: str | Path, header: dict | None =
         notes.append("Skipped: " + "; ".join(f"{s['method']}" + (f" @ {s['keep_ratio']:g}" if "keep_ratio" in s
                                                                    else "") + f" ({s['reason']})"
                                             for s in header["skipped"]))
-    load = ""
-    if header.get("loadavg_start") and header.get("loadavg_end"):
-        load = f"; load average {header['loadavg_start'][0]:.2f} at start, {header['loadavg_end'][0]:.2f} at end"
-    notes.append(f"torch {r0.get('torch')}, transformers {r0.get('transformers')}, tokenreduce {r0.get('tokenreduce')}; "
-                 f"{r0.get('timestamp')}; run {r0.get('run_s', 0):.0f} s{load}.")
-    text = "# tokenreduce bench kv\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + kv_tables(rows)
-    md = out / "results.md"
-    out.mkdir(parents=True, exist_ok=True)
-    md.write_text(text, encoding="utf-8")
+    if any(r.get("prefill_ratio_noisy") or r.get("decode_speedup_noisy") for r in rows):
+        notes.append(runner.spread_note("A prefill / full or decode / full ratio", "one per sample"))
+    notes.append(runner.environment_note(r0, header))
+    md = runner.write_markdown_report(out / "results.md", "tokenreduce bench kv", notes, _tables(rows), kv_legend(rows))
 
     short = {"aware": "aware", "agnostic": "agnostic"}
     pngs = {}

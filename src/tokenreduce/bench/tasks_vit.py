@@ -14,18 +14,20 @@ and nothing is re-trained per method.
   fitted full-batch with L-BFGS in float64 from a zero start (the objective is strictly
   convex, so the fit is deterministic and unique).
 * Fidelity — mean cosine similarity between reduced and full features of the same images.
+* FLOPs and tokens — `StatsAverager` averages an attachment's per-forward stats over the
+  batches; `full_model_stats` counts the unreduced model the same way.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["PixelSource", "LazyPixels", "balanced_subset", "extract_features", "KNNClassifier", "LinearProbe",
-           "fidelity", "accuracy"]
+           "fidelity", "accuracy", "StatsAverager", "full_model_stats"]
 
 
 class PixelSource(Protocol):
@@ -179,3 +181,58 @@ def fidelity(features: Tensor, reference: Tensor) -> float:
     if features.shape != reference.shape:
         raise ValueError(f"fidelity: shapes differ {tuple(features.shape)} vs {tuple(reference.shape)}")
     return float(F.cosine_similarity(features.double(), reference.double(), dim=-1).mean())
+
+
+class StatsAverager:
+    """Batch-size-weighted mean of a handle's per-forward stats over the test batches."""
+
+    def __init__(self, handle):  # a `tokenreduce.apply` handle
+        self.handle, self.n = handle, 0
+        self.flops = self.flops_full = self.scoring = 0.0
+        self.tokens: list[float] = []
+        self.mlp_tokens: list[float] = []
+
+    def __call__(self):
+        s = self.handle.stats
+        b = s.batch_size
+        self.n += b
+        self.flops += s.flops * b
+        self.flops_full += s.flops_full * b
+        self.scoring += s.scoring_flops * b
+        self.tokens = _add(self.tokens, s.tokens_per_layer, b)
+        self.mlp_tokens = _add(self.mlp_tokens, s.mlp_tokens_per_layer, b)
+
+    def as_row(self) -> dict:
+        n = max(self.n, 1)
+        tokens = [t / n for t in self.tokens]
+        mlp = [t / n for t in self.mlp_tokens]
+        return {"gflops": self.flops / n / 1e9, "gflops_full": self.flops_full / n / 1e9,
+                "flops_ratio": self.flops / self.flops_full if self.flops_full else 1.0,
+                "scoring_gflops": self.scoring / n / 1e9, "final_tokens": mlp[-1] if mlp else None,
+                "tokens_per_layer": tokens, "mlp_tokens_per_layer": mlp}
+
+
+def _add(acc: list[float], values: Sequence[float], w: float) -> list[float]:
+    if not acc:
+        return [v * w for v in values]
+    return [a + v * w for a, v in zip(acc, values)]
+
+
+def full_model_stats(model: nn.Module, pixels: Tensor, device) -> dict:
+    """FLOPs and tokens of the unreduced model, by the library's own accounting.
+
+    Attaches any encoder method at keep_ratio=1.0 (by contract it reduces nothing) for one
+    forward of one image, so the full row is counted exactly like the reduced rows.
+    """
+    import tokenreduce
+
+    infos = [i for i in tokenreduce.list_methods("encoder") if not i.needs_calibration]
+    plain = [i.name for i in infos if not i.signals] or [i.name for i in infos]
+    method = tokenreduce.get_method("random" if "random" in plain else plain[0], keep_ratio=1.0)
+    with torch.inference_mode(), tokenreduce.apply(model, method) as h:
+        model(pixel_values=pixels[:1].to(device))
+        avg = StatsAverager(h)
+        avg()
+    row = avg.as_row()
+    row["scoring_gflops"] = 0.0
+    return row

@@ -22,17 +22,19 @@ Peak memory:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["Timing", "RSSSampler", "measure_throughput", "measure_paired", "rss_bytes", "memory_label", "sync"]
+__all__ = ["Timing", "RSSSampler", "measure_throughput", "measure_paired", "rss_bytes", "memory_label", "sync",
+           "peak_memory"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -93,6 +95,22 @@ class RSSSampler:
 def memory_label(device: str | torch.device) -> str:
     """What the memory number means on ``device`` (use it as the column header)."""
     return "peak CUDA alloc (MB)" if torch.device(device).type == "cuda" else "peak RSS delta, sampled (MB)"
+
+
+@contextlib.contextmanager
+def peak_memory(device: str | torch.device) -> Iterator[dict]:
+    """Yields a dict whose ``mb`` is set on exit: CUDA allocator peak or sampled RSS delta, in MiB."""
+    device = torch.device(device)
+    box: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield box
+        box["mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        with RSSSampler() as s:
+            yield box
+        box["mb"] = s.peak_delta / 2**20
 
 
 def sync(device: str | torch.device) -> None:

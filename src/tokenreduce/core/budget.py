@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .errors import BudgetError
+from .params import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class KeepRatio:
     ratio: float
 
     def __post_init__(self):
-        if not isinstance(self.ratio, (int, float)) or not (0.0 < float(self.ratio) <= 1.0):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (0.0 < float(self.ratio) <= 1.0):
             raise BudgetError(f"keep_ratio must be a float in (0, 1] (1.0 reduces nothing); got {self.ratio!r}")
 
 
@@ -37,7 +38,7 @@ class KeepCount:
     count: int
 
     def __post_init__(self):
-        if not isinstance(self.count, int) or self.count < 1:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise BudgetError(f"keep count must be an integer >= 1; got {self.count!r}")
 
 
@@ -48,7 +49,7 @@ class Schedule:
     removed: tuple[int, ...]
 
     def __post_init__(self):
-        if any((not isinstance(r, int)) or r < 0 for r in self.removed):
+        if any(isinstance(r, bool) or (not isinstance(r, int)) or r < 0 for r in self.removed):
             raise BudgetError(f"a per-layer schedule holds integers >= 0; got {self.removed!r}")
 
 
@@ -73,12 +74,38 @@ def tome_schedule(num_layers: int, r) -> Schedule:
     inflect = 0.0
     if isinstance(r, tuple):
         r, inflect = r
-    if not isinstance(r, int) or r < 0:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise BudgetError(f"ToMe r must be an integer >= 0 (tokens merged per block); got {r!r}")
     min_val = int(r * (1.0 - inflect))
     max_val = 2 * r - min_val
     step = (max_val - min_val) / max(num_layers - 1, 1)
     return Schedule(tuple(max(int(min_val + step * i), 0) for i in range(num_layers)))
+
+
+def check_keep_ratio(method: str, value) -> float | None:
+    """The common budget ``keep_ratio`` of ``method``: a number in (0, 1], or None (not given)."""
+    return check_float(method, "keep_ratio", value, min=0.0, max=1.0, min_open=True, optional=True,
+                       error=BudgetError, why="1.0 reduces nothing")
+
+
+def check_keep_count(method: str, value) -> int | None:
+    """The budget ``keep_count`` (entries or tokens kept per sample): an integer >= 1, or None (not given)."""
+    return check_int(method, "keep_count", value, min=1, optional=True, error=BudgetError)
+
+
+def check_nonempty(lengths, method: str, what: str = "real tokens") -> None:
+    """Raise `BudgetError` if a sample of the batch has no real entries (``lengths`` [B], a tensor or a list).
+
+    A left-padded row whose attention_mask is all zeros has nothing to keep or score; no budget
+    can fix that, so say which sample it is rather than advise a budget.
+    """
+    counts = lengths.tolist() if hasattr(lengths, "tolist") else list(lengths)
+    empty = [i for i, n in enumerate(counts) if int(n) <= 0]
+    if empty:
+        which = f"sample {empty[0]} has" if len(empty) == 1 else f"samples {', '.join(map(str, empty))} have"
+        rows = "its attention_mask row is" if len(empty) == 1 else "their attention_mask rows are"
+        raise BudgetError(f"{method}: {which} no {what} ({rows} all zeros); remove "
+                          f"{'it' if len(empty) == 1 else 'them'} from the batch")
 
 
 def mean_kept(counts: Sequence[float], num_tokens: int) -> float:

@@ -17,6 +17,18 @@ class StageError(TokenReduceError, ValueError):
     """A method was attached to a model or stage it cannot serve."""
 
 
+class ParameterError(BudgetError, StageError):
+    """A method parameter has the wrong type or is out of its range (see `core.params`).
+
+    It derives from `BudgetError` and `StageError` because such mistakes raised one or the
+    other before it existed, so existing ``except`` clauses still catch it.
+    """
+
+
+class UnknownParameterError(ParameterError, TypeError):
+    """A keyword that the method does not take (a `TypeError` too, as Python raises for one)."""
+
+
 class NeverFiredError(TokenReduceError, RuntimeError):
     """A method was attached, the model ran, and the method never reduced anything."""
 

@@ -95,6 +95,7 @@ class CompressedLayer(DynamicLayer):
         # ([B, H_kv, P_c]) and, per sample, how much lower the next token's position is than transformers' ([B])
         self.rotary: Tensor | None = None
         self.position_shift: Tensor | None = None
+        self.refiltered = False  # a prompt filter's layer that a kv-cache method compressed further (composition)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -140,6 +141,7 @@ class CompressedLayer(DynamicLayer):
             idx = kept.repeat_interleave(g, dim=1)
             new.state = state.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0)
         new.budget, new.steps, new.position_shift = self.budget, self.steps, self.position_shift
+        new.refiltered = self.refiltered
         return new
 
     # ------------------------------------------------------------------ Cache API

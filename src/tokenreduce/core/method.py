@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .budget import KeepCount, KeepRatio
+from .errors import BudgetError
 from .registry import MethodInfo
 from .tokens import TokenState
 
@@ -51,13 +52,18 @@ class Method:
     signals: ClassVar[tuple[str, ...]] = ()  # attention signals: "keys", "cls_attn", "attn"
 
     def __init__(self, keep_ratio: float | None = None):
+        from .budget import check_keep_ratio
+
+        keep_ratio = check_keep_ratio(getattr(self, "name", type(self).__name__), keep_ratio)
         self.budget = KeepRatio(keep_ratio) if keep_ratio is not None else None
 
     @classmethod
     def info(cls) -> MethodInfo:
-        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "keep_ratio")]
+        from .registry import method_params
+
+        params = [(n, d) for n, d in method_params(cls) if n != "keep_ratio"]
         return MethodInfo(cls.name, cls.stage, cls.paper, cls.arxiv, cls.training_free, cls.needs_calibration,
-                          tuple(cls.signals), tuple(params))
+                          tuple(cls.signals), tuple(n for n, _ in params), tuple(params))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
@@ -75,6 +81,8 @@ class EncoderMethod(Method):
     stage: ClassVar[str] = "encoder"
     prop_attn: bool = False  # add log(token size) to attention logits in every block
     needs_cls: ClassVar[bool] = False
+    runs_alone: ClassVar[bool] = False  # fixes a block's attention (an override): the only encoder method in its tower
+    needs_grid: ClassVar[bool] = False  # needs the intact patch grid: reduces before every other method
 
     def check(self, info: EncoderInfo) -> None:
         """Raise `StageError` if this method cannot serve the model described by ``info``."""
@@ -121,6 +129,17 @@ class EncoderMethod(Method):
     def scoring_flops_before_attention(self, layer: int, num_tokens: int, info: EncoderInfo) -> float:
         """FLOPs of `reduce_before_attention`'s own planning at ``layer`` (N = ``num_tokens``), probe excluded."""
         return 0.0
+
+    # -------------------------------------------------------- calibration (``needs_calibration``; optional)
+    # `tokenreduce.calibrate(method, model, batches)` attaches the method, runs every batch and reports each forward
+    def begin_calibration(self) -> None:
+        raise NotImplementedError(f"{self.name} needs no calibration")
+
+    def observe_forward(self, stats, items: int) -> None:
+        """One calibration forward: its `Stats` and the number of images it ran."""
+
+    def end_calibration(self, completed: bool) -> None:
+        """After the last batch (``completed``) or an error (not completed): fit, or drop what was gathered."""
 
 
 def generator_for(seed: int | None, device) -> torch.Generator | None:
@@ -205,8 +224,11 @@ class KVMethod(Method):
     repositions: ClassVar[bool] = False  # kept entries take positions 0..M-1 in the cache (StreamingLLM's rolling cache)
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
+        from .budget import check_keep_count, check_keep_ratio
         from .errors import BudgetError
 
+        keep_ratio = check_keep_ratio(self.name, keep_ratio)  # types and ranges first, then the combination
+        keep_count = check_keep_count(self.name, keep_count)
         if (keep_ratio is None) == (keep_count is None):
             raise BudgetError(f"{self.name} needs exactly one budget: keep_ratio (fraction of the context's cache "
                               f"entries kept, e.g. get_method('{self.name}', keep_ratio=0.25)) or keep_count (entries "
@@ -230,8 +252,10 @@ class KVMethod(Method):
 
     def budgets(self, lengths: Tensor) -> Tensor:
         """Entries kept per sample [B] for contexts of ``lengths`` [B] real entries."""
+        from .budget import check_nonempty
         from .errors import BudgetError
 
+        check_nonempty(lengths, self.name)
         n = lengths.to(torch.long)
         if self.count is not None:
             if bool((n < self.count.count).any()):
@@ -273,4 +297,104 @@ class KVMethod(Method):
 
     def evict_score(self, ctx: EvictionContext) -> Tensor:
         """Scores ``[B, H_kv or 1, P]`` of the slots after a decoding step; the top ``budgets`` stay."""
+        raise NotImplementedError
+
+    def cache_positions(self, real: Tensor) -> Tensor:
+        """(``repositions`` methods) The position each slot takes inside the cache ``[B, H_kv, P]``, given which slots
+        are real ``[B, H_kv, P]`` (slots in text order); the runtime re-rotates the keys that move."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- decoder stage (prompt filtering)
+class PrefillFilterMethod(Method):
+    """A decoder-stage method that filters the prompt once, in an early layer, before prefill.
+
+    Budget (one meaning): ``keep_ratio`` = fraction of each sample's real prompt tokens kept
+    (``floor``, at least 1), or ``keep_count`` = tokens kept per sample. The method scores
+    (`score`) and says where (`filter_layer`); the attachment selects, re-prefills and keeps
+    positions and masks right.
+    """
+
+    stage = "decoder"
+
+    def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
+        from .errors import BudgetError
+
+        if (keep_ratio is None) == (keep_count is None):
+            raise BudgetError(f"{self.name} needs exactly one budget: keep_ratio (fraction of the prompt's tokens kept, "
+                              f"e.g. get_method('{self.name}', keep_ratio=0.125)) or keep_count (prompt tokens kept per "
+                              "sample)")
+        super().__init__(keep_ratio)
+        self.count = KeepCount(keep_count) if keep_count is not None else None
+
+    def describe(self) -> str:
+        return f"keep_ratio={self.budget.ratio}" if self.budget else f"keep_count={self.count.count}"
+
+    def filter_layer(self, info: DecoderInfo, config) -> int:
+        """The decoder layer (0-based) whose attention scores the prompt."""
+        raise NotImplementedError
+
+    def budgets(self, lengths: Tensor) -> Tensor:
+        """Tokens kept per sample [B] for prompts of ``lengths`` [B] real tokens."""
+        n = lengths.to(torch.long)
+        if self.count is not None:
+            if bool((n < self.count.count).any()):
+                raise BudgetError(f"{self.name}: keep_count={self.count.count} is larger than the prompt ({int(n.min())} "
+                                  "tokens in the shortest sample); use a smaller keep_count or keep_ratio")
+            return torch.full_like(n, self.count.count)
+        m = torch.floor(n.to(torch.float64) * self.budget.ratio + 1e-9).to(torch.long)
+        if bool((m < 1).any()):
+            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} keeps less than 1 of the {int(n.min())} "
+                              "prompt tokens of the shortest sample; raise keep_ratio or use keep_count=1 or more")
+        return m
+
+    def score(self, query: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
+        """Scores [B, N] (higher kept) from the last query ``query`` [B, H, D] and ``keys`` [B, H_kv, N, D]
+        (post-RoPE, layer ``L``); ``valid`` [B, N] marks real tokens (padding's score is ignored)."""
+        raise NotImplementedError
+
+    def scoring_flops(self, length: int, info: DecoderInfo) -> float:
+        """FLOPs of scoring (batch of one) beyond the projections the model computes anyway."""
+        return 0.0
+
+
+# ---------------------------------------------------------------------------- kv-cache stage, decode-time retrieval
+class RetrievalMethod(KVMethod):
+    """A kv-cache method that never evicts: the whole cache stays, and each decoding step attends exactly to a
+    subset of it that the method retrieves from a cheap approximate score (A²ATS).
+
+    The runtime (`runtime.kv_retrieval`) hands the method pre-RoPE keys as they enter the cache
+    (`encode`) and, at each decoding step, the query rotated to ``relative_position``; the
+    method returns the entries to attend (`decode_selection`). ``check(info, full)`` raises
+    `CalibrationError` before any work when the method is not calibrated; calibration data comes
+    from `tokenreduce.calibrate` through `observe` and `fit`.
+    """
+
+    relative_position: int = 0
+
+    def check(self, info: DecoderInfo, full: tuple[int, ...] | None = None) -> None:
+        """Raise before any work if this method cannot serve ``info`` (e.g. not calibrated for it)."""
+
+    def encode(self, k: int, keys_pre: Tensor) -> Tensor:
+        """Codes ``[B, H_kv, q]`` of the new pre-RoPE keys of the ``k``-th full-attention layer."""
+        raise NotImplementedError
+
+    def decode_selection(self, k: int, query_w: Tensor, codes: Tensor, valid: Tensor, scaling: float):
+        """``(selected [B, H_kv, K] bool, scores, picked)`` for one decoding query at layer ``k``."""
+        raise NotImplementedError
+
+    def device_tensors(self) -> dict[str, Tensor]:
+        """Tensors the method keeps on the accelerator (codebooks …), for the placement figures."""
+        return {}
+
+    # calibration (driven by `tokenreduce.calibrate`)
+    def begin_calibration(self) -> None:
+        """Called once before the first calibration forward."""
+
+    def observe(self, k: int, keys_pre: Tensor, query_w: Tensor) -> None:
+        """One forward's new pre-RoPE keys [B, H_kv, q, D] and queries at ``relative_position`` [B, H, q, D]."""
+        raise NotImplementedError
+
+    def fit(self, info: DecoderInfo, full: tuple[int, ...], tokens: int, **options) -> None:
+        """Fit the method's state from everything observed (``tokens`` token positions in all)."""
         raise NotImplementedError

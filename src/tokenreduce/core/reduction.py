@@ -179,6 +179,29 @@ class Reduction:
         """The source map [B, M, N] bool: which input tokens each output token covers."""
         return self.to_dense() != 0
 
+    def carry_signals(self, signals: dict) -> dict:
+        """Attention signals of the N tokens, carried to the M reduced ones (for a later method at the same block).
+
+        Attention a token *receives* (the [CLS] row ``cls_attn`` [B, H, N], the columns of
+        ``attn`` [B, H, N, N]) is summed over the tokens each output covers, which is what
+        proportional attention gives a merged token whose sources had equal keys; per-token
+        vectors (``keys``, ``queries`` [B, H, N, D]) and the rows of ``attn`` are reduced as the
+        hidden states are (size-weighted means). Other entries (``scale``) carry over unchanged.
+        """
+        out = dict(signals)
+        cover = None
+        for name in ("cls_attn", "attn"):
+            if name in signals:
+                cover = self.covers().to(signals[name].dtype) if cover is None else cover
+        if "cls_attn" in signals:
+            out["cls_attn"] = torch.einsum("bhn,bmn->bhm", signals["cls_attn"], cover)
+        if "attn" in signals:
+            out["attn"] = torch.einsum("bhrn,bmn->bhrm", self.apply(signals["attn"]), cover)
+        for name in ("keys", "queries"):
+            if name in signals:
+                out[name] = self.apply(signals[name])
+        return out
+
     @property
     def _device(self):
         return (self.dest if self.dest is not None else self.matrix).device

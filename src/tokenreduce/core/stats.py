@@ -76,3 +76,39 @@ class Stats:
                 "kv_bytes_after_per_layer": self.kv_bytes_after_per_layer, "kv_bytes_before": self.kv_bytes_before,
                 "kv_bytes_after": self.kv_bytes_after, "kv_bytes_ratio": self.kv_bytes_ratio} if self.kv_layers else {}),
         }
+
+
+_KV_FROM_FIRST = ("kv_layers", "kv_entries_per_layer", "kv_bytes_before_per_layer")
+_KV_FROM_LAST = ("kv_kept_per_layer", "kv_slots_per_layer", "kv_bytes_after_per_layer")
+
+
+def combine(parts: list[Stats]) -> Stats:
+    """One view of several stages' `Stats`, given in stage order (vision tower -> ... -> KV cache).
+
+    ``flops``, ``flops_full`` and ``scoring_flops`` are summed (so ``flops_ratio`` is the ratio
+    over every stage that counts FLOPs); ``tokens_per_layer`` and ``mlp_tokens_per_layer``
+    concatenate the stages' layers in stage order. The KV fields describe the cache from the
+    first stage that shaped it (what it held before: layers, context entries, bytes before) to
+    the last (what it holds: kept entries, slots, bytes after, decode-time eviction), so
+    GemFilter then SnapKV reports the whole prompt's bytes before and SnapKV's bytes after.
+    ``batch_size`` is the largest seen. A single stage is returned as it is.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    out = Stats()
+    for s in parts:
+        out.tokens_per_layer += s.tokens_per_layer
+        out.mlp_tokens_per_layer += s.mlp_tokens_per_layer
+        out.flops += s.flops
+        out.flops_full += s.flops_full
+        out.scoring_flops += s.scoring_flops
+        out.batch_size = max(out.batch_size, s.batch_size)
+    kv = [s for s in parts if s.kv_layers]
+    if kv:
+        for name in _KV_FROM_FIRST:
+            setattr(out, name, list(getattr(kv[0], name)))
+        for name in _KV_FROM_LAST:
+            setattr(out, name, list(getattr(kv[-1], name)))
+        out.kv_decode_steps = max(s.kv_decode_steps for s in parts)
+        out.kv_decode_slots = kv[-1].kv_decode_slots
+    return out

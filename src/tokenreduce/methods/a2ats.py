@@ -54,14 +54,14 @@ abstract, so hyper-parameters and rules follow the reference code):
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core.errors import BudgetError, CalibrationError
-from ..core.method import DecoderInfo, KVMethod
+from ..core.errors import CalibrationError
+from ..core.method import DecoderInfo, RetrievalMethod
+from ..core.params import check_int
 from ..core.registry import register
 
 
@@ -141,42 +141,22 @@ class Codebooks:
                     relative_position=self.relative_position, model_name=self.model_name, tokens=self.tokens)
 
 
-def _sequences(stream) -> list[Tensor]:
-    if isinstance(stream, str):
-        raise CalibrationError("a2ats.calibrate takes token ids, not text: pass tokenizer(text)['input_ids']")
-    if isinstance(stream, Tensor):
-        return [stream] if stream.dim() == 1 else list(stream.reshape(-1, stream.shape[-1]))
-    items = list(stream) if isinstance(stream, Iterable) else []
-    if items and all(isinstance(t, int) for t in items):
-        return [torch.tensor(items)]
-    out = []
-    for s in items:
-        t = torch.as_tensor(s)
-        if t.dim() != 1:
-            raise CalibrationError(f"a2ats.calibrate: each sequence of token ids must be 1-D; got shape {tuple(t.shape)}")
-        out.append(t)
-    return out
-
-
 # ---------------------------------------------------------------------------- the method
 @register
-class A2ATS(KVMethod):
+class A2ATS(RetrievalMethod):
     name = "a2ats"
     paper = ("A²ATS: Retrieval-Based KV Cache Reduction via Windowed Rotary Position Embedding and Query-Aware "
              "Vector Quantization (He et al., ACL Findings 2025)")
     arxiv = "2502.12665"
     needs_calibration = True
-    retrieval = True  # core.attach: decode-time retrieval (adapters.kv_retrieval), not prefill eviction
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, codebook_size: int = 4096,
                  window: int = 64, sink: int = 8, relative_position: int = 2048):
         super().__init__(keep_ratio, keep_count)
-        for label, v, low in (("codebook_size", codebook_size, 1), ("window", window, 1), ("sink", sink, 0),
-                              ("relative_position", relative_position, 0)):
-            if not isinstance(v, int) or v < low:
-                raise BudgetError(f"a2ats: {label} must be an integer >= {low}; got {v!r}"
-                                  + (" (the window holds the current token, so at least 1)" if label == "window" else ""))
-        self.codebook_size, self.window, self.sink, self.relative_position = codebook_size, window, sink, relative_position
+        self.codebook_size = check_int(self.name, "codebook_size", codebook_size, min=1)
+        self.window = check_int(self.name, "window", window, min=1, why="the window holds the current token")
+        self.sink = check_int(self.name, "sink", sink, min=0)
+        self.relative_position = check_int(self.name, "relative_position", relative_position, min=0)
         self.codebooks: Codebooks | None = None
         # (codes [B, H_kv, N], fingerprint) of every cache layer this method encoded, keyed weakly by the layer object
         self.codes: weakref.WeakKeyDictionary[object, tuple] = weakref.WeakKeyDictionary()
@@ -187,43 +167,26 @@ class A2ATS(KVMethod):
         return f"{super().describe()}, window={self.window}, sink={self.sink}, w={self.relative_position}, {cb}"
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, model: nn.Module, token_stream, *, chunk_size: int = 2048, max_tokens: int = 65536,
-                  iters: int = 30, seed: int = 0, epsilon: float = 1e-6) -> A2ATS:
-        """Fit the codebooks of every full-attention layer of ``model`` on ``token_stream``; returns ``self``.
+    # `tokenreduce.calibrate(method, model, token_ids)` runs the token stream in chunks without a cache and hands
+    # every full-attention layer's pre-RoPE keys and windowed-RoPE queries to `observe`; `fit` builds the codebooks.
+    def begin_calibration(self) -> None:
+        self._keys: dict[int, list[Tensor]] = {}
+        self._grams: dict[int, Tensor] = {}
 
-        ``token_stream``: token ids — one 1-D sequence (tensor or list of ints) or an iterable of
-        them; each is cut into chunks of ``chunk_size`` run without a cache, up to ``max_tokens``
-        in all. Per layer and KV head: ``H`` from the windowed-RoPE queries of its query group,
-        ``L = cholesky(H / rms(H) + epsilon I)``, k-means (``codebook_size``, ``iters``) on the
-        pre-RoPE keys times ``L``.
-        """
-        from ..adapters.kv_retrieval import capture
+    def observe(self, k: int, keys_pre: Tensor, query_w: Tensor) -> None:
+        b, hk, q, d = keys_pre.shape
+        self._keys.setdefault(k, []).append(keys_pre.float().cpu().permute(1, 0, 2, 3).reshape(hk, b * q, d))
+        g = query_w.shape[1] // hk
+        qq = query_w.double().cpu().reshape(b, hk, g, q, d).permute(1, 0, 2, 3, 4).reshape(hk, -1, d)
+        gram = qq.transpose(1, 2) @ qq  # this chunk's part of H = E[(R_w q)(R_w q)^T], per KV head
+        self._grams[k] = gram if k not in self._grams else self._grams[k] + gram
 
-        seqs = _sequences(token_stream)
-        param = next(model.parameters())
-        keys: dict[int, list[Tensor]] = {}
-        grams: dict[int, Tensor] = {}
-        seen = 0
-
-        def collect(k: int, keys_pre: Tensor, query_w: Tensor):
-            b, hk, q, d = keys_pre.shape
-            keys.setdefault(k, []).append(keys_pre.float().cpu().permute(1, 0, 2, 3).reshape(hk, b * q, d))
-            g = query_w.shape[1] // hk
-            qq = query_w.double().cpu().reshape(b, hk, g, q, d).permute(1, 0, 2, 3, 4).reshape(hk, -1, d)
-            gram = qq.transpose(1, 2) @ qq
-            grams[k] = gram if k not in grams else grams[k] + gram
-
-        with torch.no_grad(), capture(model, self.relative_position, collect) as (info, full):
-            for seq in seqs:
-                for start in range(0, len(seq), chunk_size):
-                    if seen >= max_tokens:
-                        break
-                    piece = seq[start:start + min(chunk_size, max_tokens - seen)]
-                    model(input_ids=piece[None].to(param.device), use_cache=False)
-                    seen += len(piece)
-        if seen == 0:
-            raise CalibrationError("a2ats.calibrate got no tokens; pass token ids, e.g. tokenizer(text)['input_ids'] "
-                                   "of a few thousand tokens or more of ordinary text")
+    def fit(self, info: DecoderInfo, full: tuple[int, ...], tokens: int, model_name: str = "", *, iters: int = 30,
+            seed: int = 0, epsilon: float = 1e-6) -> None:
+        """Per layer and KV head: ``L = cholesky(H / rms(H) + epsilon I)``, k-means (``codebook_size``, ``iters``) on
+        the pre-RoPE keys times ``L``; codewords are the clusters' mean keys."""
+        keys, grams = self._keys, self._grams
+        self._keys, self._grams = {}, {}
         gen = torch.Generator().manual_seed(seed)
         keys_all = torch.stack([torch.cat(keys[k], dim=1) for k in range(len(full))])  # [L, H_kv, N, D]
         n_layers, hk, n, d = keys_all.shape
@@ -241,14 +204,13 @@ class A2ATS(KVMethod):
         means = means / counts.clamp(min=1)[..., None]
         back = torch.linalg.solve_triangular(factors.reshape(-1, d, d), cent_t, upper=False, left=False)
         words = torch.where((counts > 0)[..., None], means, back).reshape(n_layers, hk, c, d)
-        self.codebooks = Codebooks(words, factors, tuple(full), info.num_heads,
-                                   self.relative_position, _model_name(model), seen)
+        self.codebooks = Codebooks(words, factors, tuple(full), info.num_heads, self.relative_position, model_name,
+                                   tokens)
         self.codes.clear()  # codes of earlier codebooks mean nothing now
-        return self
 
     def save_codebooks(self, path) -> None:
         if self.codebooks is None:
-            raise CalibrationError("a2ats: nothing to save; call calibrate(model, token_ids) first")
+            raise CalibrationError("a2ats: nothing to save; call tokenreduce.calibrate(method, model, token_ids) first")
         torch.save(self.codebooks.state(), path)
 
     def load_codebooks(self, path) -> A2ATS:
@@ -264,7 +226,7 @@ class A2ATS(KVMethod):
         if cb is None:
             raise CalibrationError(
                 "a2ats needs codebooks calibrated on this model before use: call "
-                "`method.calibrate(model, token_ids)` (token ids of ordinary text, a few thousand tokens or more; the "
+                "`tokenreduce.calibrate(method, model, token_ids)` (token ids of ordinary text, a few thousand tokens or more; the "
                 "paper uses 64k tokens of FineWeb-Edu + 16k of random strings) or `method.load_codebooks(path)`")
         got = (tuple(cb.layers), cb.codewords.shape[1], cb.codewords.shape[3], cb.num_heads)
         want = (tuple(full if full is not None else info.compressible), info.num_kv_heads, info.head_dim, info.num_heads)
@@ -346,8 +308,3 @@ class A2ATS(KVMethod):
         """One decoding step, one layer, one sample: score table, lookup, and encoding the new key."""
         c, d = self.codebook_size if self.codebooks is None else self.codebooks.size, info.head_dim
         return 2.0 * info.num_heads * c * d + info.num_heads * length + 2.0 * info.num_kv_heads * (d * d + c * d)
-
-
-def _model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "_name_or_path", "") or "")

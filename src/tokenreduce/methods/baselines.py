@@ -14,6 +14,7 @@ from torch import Tensor
 from ..core.budget import mean_kept
 from ..core.errors import BudgetError, StageError
 from ..core.method import EncoderInfo, EncoderMethod, generator_for
+from ..core.params import check_int, check_seed
 from ..core.reduction import Reduction
 from ..core.registry import register
 from ..core.tokens import TokenState
@@ -28,7 +29,7 @@ class RandomDrop(StagedPruner):
 
     def __init__(self, keep_rate: float | None = None, keep_ratio: float | None = None, locations=None, seed: int = 0):
         super().__init__(keep_rate, keep_ratio, locations)
-        self.seed = seed
+        self.seed = check_seed(self.name, "seed", seed)
 
     def start(self, info: EncoderInfo, num_tokens: int) -> None:
         super().start(info, num_tokens)
@@ -59,11 +60,16 @@ class SpatialPool(EncoderMethod):
     paper = "baseline: k x k spatial average pooling of patch tokens at one block"
     arxiv = None
     prop_attn = True
+    needs_grid = True  # pools the intact patch grid: reduces before every other method
 
     def __init__(self, kernel: int | None = None, layer: int | None = None, keep_ratio: float | None = None):
+        super().__init__(keep_ratio)
+        kernel = check_int(self.name, "kernel", kernel, min=2, optional=True, error=BudgetError,
+                           why="pooling window side; None = 2")
+        layer = check_int(self.name, "layer", layer, min=0, optional=True, error=BudgetError,
+                          why="0-based block index; None = 0")
         if keep_ratio is not None and (kernel is not None or layer is not None):
             raise BudgetError("pool: give keep_ratio, or kernel/layer, not both")
-        super().__init__(keep_ratio)
         self.kernel, self.layer = kernel, layer
 
     def describe(self) -> str:

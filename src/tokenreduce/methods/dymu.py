@@ -32,6 +32,9 @@ block, padding with zero-size masked tokens for batches, DyMU's ``r_total`` sche
   its batch there; here batched == per-image (up to float rounding: an edge scoring within
   ~1e-7 of a threshold may flip with the batch shape). Merged tokens are exact
   size-weighted means (the reference's batch path divides by ``size + 1e-4``).
+* Sorting: our merge keeps token order with a stable sort, whereas the reference's batch
+  path moves padding with a non-stable ``argsort``. As shipped, its calibrated thresholds
+  then differ from ours by up to 1e-2; with a stable sort and exact means, by 2e-7.
 * A block with threshold >= 1 (including blocks whose calibration ``r_l`` was 0, the
   reference's "never merge" 1.0) does not merge: cosine similarity cannot exceed 1.
 * ``linear`` schedules whose reference loop never ends (small ``r_total``) stop after
@@ -53,6 +56,7 @@ from torch import Tensor
 from ..core.budget import Schedule, mean_kept, tome_schedule
 from ..core.errors import BudgetError, CalibrationError
 from ..core.method import EncoderInfo, EncoderMethod
+from ..core.params import check_bool, check_choice, check_int, check_per_layer_r
 from ..core.reduction import Reduction
 from ..core.registry import register
 from ..core.tokens import TokenState
@@ -169,17 +173,17 @@ class DToMe(EncoderMethod):
 
     def __init__(self, r: int | list | tuple | None = None, keep_ratio: float | None = None, r_total: int | None = None,
                  r_schedule: str = "constant", prop_attn: bool = True):
+        super().__init__(keep_ratio)
+        r = check_per_layer_r(self.name, "r", r)
+        r_total = check_int(self.name, "r_total", r_total, min=0, optional=True, error=BudgetError,
+                            why="tokens merged over all blocks")
+        self.r_schedule = check_choice(self.name, "r_schedule", r_schedule, ("constant", "linear", "reverse_linear"))
+        self.prop_attn = check_bool(self.name, "prop_attn", prop_attn)
         given = [k for k, v in (("r", r), ("r_total", r_total), ("keep_ratio", keep_ratio)) if v is not None]
         if len(given) != 1:
             raise BudgetError("dymu needs exactly one calibration budget: keep_ratio=<float in (0, 1]>, a ToMe-style "
                               f"r=... per block, or DyMU's r_total=... (with r_schedule); got {given or 'none'}")
-        super().__init__(keep_ratio)
-        if r_total is not None:
-            dymu_schedule(1, r_total, r_schedule)  # validates both now rather than at the first forward
-        elif keep_ratio is not None:
-            dymu_schedule(1, 0, r_schedule)
-        self.r, self.r_total, self.r_schedule = r, r_total, r_schedule
-        self.prop_attn = prop_attn
+        self.r, self.r_total = r, r_total
         self.thresholds: list[float] | None = None
         self.calibration: dict = {}  # what the thresholds were calibrated with (informative)
         self._calibrating = False
@@ -208,43 +212,34 @@ class DToMe(EncoderMethod):
             r_total = solve_r_total(num_layers, num_tokens, num_prefix, float(self.budget.ratio), self.r_schedule)
         return dymu_schedule(num_layers, r_total, self.r_schedule)
 
-    def calibrate(self, model: torch.nn.Module, batches) -> "DToMe":
-        """Calibrate the per-block thresholds on ``batches`` (pixel_values [B, 3, H, W], or dicts
-        of model inputs); replaces earlier thresholds. Returns ``self``."""
-        from ..core.attach import apply
-
-        param = next(model.parameters(), None)
+    # `tokenreduce.calibrate(method, model, batches)` runs the model with the method attached: each forward merges
+    # by the calibration schedule and records the thresholds it implied; their means become the thresholds
+    def begin_calibration(self) -> None:
         self._taus: list[list[float]] | None = None
-        self._num = 0
+        self._num, self._images, self._seen = 0, 0, []
         self._calibrating = True
-        images, seen = 0, []
-        try:
-            with torch.no_grad(), apply(model, self) as handle:
-                for batch in batches:
-                    if isinstance(batch, dict):
-                        model(**batch)
-                        images += len(next(iter(batch.values())))
-                    else:
-                        if param is not None:
-                            batch = batch.to(device=param.device, dtype=param.dtype)
-                        model(pixel_values=batch)
-                        images += batch.shape[0]
-                    self._num += 1
-                    seen.append(handle.stats.mlp_tokens_per_layer)
-        finally:
-            self._calibrating = False
+
+    def observe_forward(self, stats, items: int) -> None:
+        self._num += 1
+        self._images += items
+        self._seen.append(stats.mlp_tokens_per_layer)
+
+    def end_calibration(self, completed: bool) -> None:
+        self._calibrating = False
+        if not completed:
+            return
         if self._num == 0:
-            raise CalibrationError("dymu.calibrate got no batches; pass an iterable of pixel_values tensors [B, 3, H, W]")
+            raise CalibrationError("calibrating dymu got no batches; pass an iterable of pixel_values tensors "
+                                   "[B, 3, H, W]")
         self.thresholds = [sum(t) / len(t) if t else NEVER for t in self._taus]
         self.calibration = {"schedule": list(self.schedule.removed), "num_tokens": self._n0,
-                            "num_batches": self._num, "num_images": images,
-                            "mlp_tokens_per_layer": [sum(c) / len(c) for c in zip(*seen)]}
-        return self
+                            "num_batches": self._num, "num_images": self._images,
+                            "mlp_tokens_per_layer": [sum(c) / len(c) for c in zip(*self._seen)]}
 
     def state_dict(self) -> dict:
         """The calibrated thresholds (and what they were calibrated with), to save and reload."""
         if self.thresholds is None:
-            raise CalibrationError("dymu has no thresholds to save yet; call .calibrate(model, batches) first")
+            raise CalibrationError("dymu has no thresholds to save yet; call tokenreduce.calibrate(method, model, batches) first")
         return {"method": self.name, "thresholds": list(self.thresholds), **self.calibration}
 
     def load_state_dict(self, state: dict) -> "DToMe":
@@ -270,7 +265,7 @@ class DToMe(EncoderMethod):
             return
         if self.thresholds is None:
             raise CalibrationError("dymu (DToMe) merges by per-block thresholds that must be calibrated before use: "
-                                   "call method.calibrate(model, batches) first (or load_state_dict(saved))")
+                                   "call tokenreduce.calibrate(method, model, batches) first (or load_state_dict(saved))")
         if len(self.thresholds) != info.num_layers:
             raise CalibrationError(f"dymu was calibrated for {len(self.thresholds)} blocks but this {info.family} "
                                    f"encoder has {info.num_layers}; calibrate on this model")

@@ -20,9 +20,10 @@ import math
 import torch
 from torch import Tensor
 
-from ..core.budget import check_fraction, mean_kept, solve_float
+from ..core.budget import mean_kept, solve_float
 from ..core.errors import BudgetError
 from ..core.method import EncoderInfo, EncoderMethod
+from ..core.params import check_bool, check_float, check_ints
 from ..core.reduction import Reduction
 from ..core.registry import register
 from ..core.tokens import TokenState
@@ -52,11 +53,13 @@ class StagedPruner(EncoderMethod):
     fused = 0  # tokens added per stage (EViT's fused token)
 
     def __init__(self, keep_rate: float | None = None, keep_ratio: float | None = None, locations=None):
+        super().__init__(keep_ratio)
+        keep_rate = check_float(self.name, "keep_rate", keep_rate, min=0.0, max=1.0, min_open=True, optional=True,
+                                error=BudgetError)
+        self.locations = check_ints(self.name, "locations", locations, optional=True, why="0-based block indices")
         if keep_rate is not None and keep_ratio is not None:
             raise BudgetError(f"{self.name}: give keep_ratio or keep_rate, not both")
-        super().__init__(keep_ratio)
-        self.keep_rate = check_fraction("keep_rate", keep_rate) if keep_rate is not None else (None if keep_ratio else 0.7)
-        self.locations = tuple(locations) if locations is not None else None
+        self.keep_rate = keep_rate if keep_rate is not None else (None if keep_ratio else 0.7)
 
     def describe(self) -> str:
         return f"keep_rate={self.keep_rate}" if self.budget is None else super().describe()
@@ -88,7 +91,7 @@ class EViT(StagedPruner):
 
     def __init__(self, keep_rate: float | None = None, keep_ratio: float | None = None, locations=None, fuse_token: bool = True):
         super().__init__(keep_rate, keep_ratio, locations)
-        self.fuse_token = fuse_token
+        self.fuse_token = check_bool(self.name, "fuse_token", fuse_token)
         self.fused = 1 if fuse_token else 0
 
     def reduce(self, layer: int, x: Tensor, tokens: TokenState, signals: dict) -> Reduction | None:

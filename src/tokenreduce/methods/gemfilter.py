@@ -9,7 +9,7 @@ average pool (``kernel_size`` 5, zero padding), keeps the top ``k`` tokens in th
 order, then prefills only those ``k`` tokens through the whole model as a new prompt and
 generates from it. The prompt's cost drops to ``L/num_layers`` of a full prefill plus a
 prefill of ``k`` tokens; the cache holds ``k`` entries per layer. Attached at the decoder stage
-by `adapters.prefill_filter` (which documents positions, masks and the cache).
+by `runtime.prefill_filter` (which documents positions, masks and the cache).
 
 Budget: ``keep_ratio`` (fraction of each sample's prompt tokens) or ``keep_count`` (tokens per
 sample; the reference's ``topk``, default there 1024). ``layer``: the filter layer, 0-based
@@ -22,7 +22,7 @@ Differences from the reference code (SalesforceAIResearch/GemFilter, ``gem_filte
   we shift them by a constant so they end where the caller's positions continue
   (``N-k..N-1``, decoding at ``N, N+1, ...``): the same distances, so the same RoPE attention up
   to float rounding, and ``generate`` works unchanged (details and the one exception,
-  length-dependent rotary types such as Phi-3 ``longrope``, in `adapters.prefill_filter`).
+  length-dependent rotary types such as Phi-3 ``longrope``, in `runtime.prefill_filter`).
 * The filter pass stops inside layer ``L``'s attention, right after Q and K; the reference
   truncates ``model.model.layers`` to ``L+1`` and so also runs ``L``'s attention and MLP, the
   final norm and the LM head (wasted work, same selection).
@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..adapters.prefill_filter import PrefillFilterMethod
-from ..core.errors import StageError
-from ..core.method import DecoderInfo
+from ..core.budget import check_keep_count, check_keep_ratio
+from ..core.method import DecoderInfo, PrefillFilterMethod
+from ..core.params import check_int
 from ..core.registry import register
 
 # (model_type, num_hidden_layers, hidden_size) -> filter layer. The first three are the reference's
@@ -72,12 +72,12 @@ class GemFilter(PrefillFilterMethod):
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, layer: int | None = None,
                  kernel_size: int = 5):
+        keep_ratio = check_keep_ratio(self.name, keep_ratio)  # types and ranges first, then the combination
+        keep_count = check_keep_count(self.name, keep_count)
         super().__init__(keep_ratio, keep_count)
-        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 0):
-            raise StageError(f"gemfilter: layer is a 0-based decoder layer index (or None for the default); got {layer!r}")
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise StageError(f"gemfilter: kernel_size must be an odd integer >= 1 (1 = no pooling); got {kernel_size!r}")
-        self.layer, self.kernel_size = layer, kernel_size
+        self.layer = check_int(self.name, "layer", layer, min=0, optional=True,
+                               why="a 0-based decoder layer index; None = the default for the model")
+        self.kernel_size = check_int(self.name, "kernel_size", kernel_size, min=1, odd=True, why="1 = no pooling")
 
     def describe(self) -> str:
         return f"{super().describe()}, layer={self.layer}, kernel_size={self.kernel_size}"

@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.errors import BudgetError
 from ..core.method import DecoderInfo, EvictionContext, KVContext, KVMethod
+from ..core.params import check_float
 from ..core.registry import register
 
 
@@ -54,10 +54,8 @@ class H2O(KVMethod):
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, recent_fraction: float = 0.5):
         super().__init__(keep_ratio, keep_count)
-        if not isinstance(recent_fraction, (int, float)) or not 0.0 <= recent_fraction <= 1.0:
-            raise BudgetError(f"h2o: recent_fraction is the share of the budget kept for the most recent tokens, "
-                              f"in [0, 1]; got {recent_fraction!r}")
-        self.recent_fraction = float(recent_fraction)
+        self.recent_fraction = check_float(self.name, "recent_fraction", recent_fraction, min=0.0, max=1.0,
+                                           why="the share of the budget kept for the most recent tokens")
 
     def describe(self) -> str:
         return f"{super().describe()}, recent_fraction={self.recent_fraction}"

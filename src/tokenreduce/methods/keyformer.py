@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.errors import BudgetError
+from ..core.params import check_float, check_int, check_seed
 from ..core.registry import register
 from .h2o import H2O
 
@@ -48,11 +48,12 @@ class Keyformer(H2O):
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, recent_fraction: float = 0.3,
                  tau_init: float = 1.0, tau_end: float = 2.0, max_new_tokens: int = 128, seed: int = 0):
         super().__init__(keep_ratio, keep_count, recent_fraction)
-        if not (tau_init > 0 and tau_end > 0):
-            raise BudgetError(f"keyformer: tau_init and tau_end are softmax temperatures > 0; got {tau_init}, {tau_end}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise BudgetError(f"keyformer: max_new_tokens (tau's horizon) is an integer >= 1; got {max_new_tokens!r}")
-        self.tau_init, self.tau_end, self.max_new_tokens, self.seed = float(tau_init), float(tau_end), max_new_tokens, seed
+        self.tau_init = check_float(self.name, "tau_init", tau_init, min=0.0, min_open=True,
+                                    why="Gumbel-softmax temperatures are > 0")
+        self.tau_end = check_float(self.name, "tau_end", tau_end, min=0.0, min_open=True,
+                                   why="Gumbel-softmax temperatures are > 0")
+        self.max_new_tokens = check_int(self.name, "max_new_tokens", max_new_tokens, min=1, why="tau's horizon")
+        self.seed = check_seed(self.name, "seed", seed)
         self._generators: dict[str, torch.Generator] = {}
 
     def describe(self) -> str:

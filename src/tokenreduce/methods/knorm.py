@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..core.errors import StageError
 from ..core.method import DecoderInfo, KVContext, KVMethod
+from ..core.params import check_ints
 from ..core.registry import register
 
 
@@ -33,7 +34,7 @@ class KeyNorm(KVMethod):
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, skip_layers=()):
         super().__init__(keep_ratio, keep_count)
-        self.skip_layers = tuple(int(i) for i in skip_layers)
+        self.skip_layers = check_ints(self.name, "skip_layers", skip_layers, why="0-based layer indices")
 
     def describe(self) -> str:
         return super().describe() + (f", skip_layers={self.skip_layers}" if self.skip_layers else "")

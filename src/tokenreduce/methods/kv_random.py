@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..core.method import KVContext, KVMethod
+from ..core.params import check_seed
 from ..core.registry import register
 
 
@@ -23,7 +24,7 @@ class RandomKV(KVMethod):
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, seed: int = 0):
         super().__init__(keep_ratio, keep_count)
-        self.seed = int(seed)
+        self.seed = check_seed(self.name, "seed", seed)
 
     def describe(self) -> str:
         return f"{super().describe()}, seed={self.seed}"

@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.errors import BudgetError, StageError
+from ..core.errors import StageError, UnknownParameterError
 from ..core.method import DecoderInfo, KVContext, KVMethod
-from ..core.registry import get_method, register
+from ..core.params import check_choice, check_float, check_mapping, check_seed, fail
+from ..core.registry import get_method, register, registered
 
 ANCHORS = ("alternate", "mean", "random", "zeros", "ones")
 
@@ -73,20 +74,29 @@ class KVCrush(KVMethod):
                  crush_fraction: float = 0.25, anchor: str = "alternate", seed: int = 0,
                  base_params: dict | None = None):
         super().__init__(keep_ratio, keep_count)
+        known = registered()
+        if not isinstance(base, str) or base not in known:  # a known name of the wrong kind is refused below
+            bases = sorted(n for n, c in known.items() if issubclass(c, KVMethod) and not issubclass(c, KVCrush)
+                           and not c.evicts_during_decode and c.score is not KVMethod.score)
+            fail(self.name, "base", "a prefill-time kv-cache method: " + ", ".join(map(repr, bases)), base,
+                 why="unknown method")
+        base_params = check_mapping(self.name, "base_params", base_params, forbidden=("keep_ratio", "keep_count"),
+                                    why="the base's own parameters; kvcrush's budget is the base's")
+        self.crush_fraction = check_float(self.name, "crush_fraction", crush_fraction, min=0.0, max=1.0,
+                                          why="the share of the budget for representatives")
+        self.anchor = check_choice(self.name, "anchor", anchor, ANCHORS)
+        self.seed = check_seed(self.name, "seed", seed)
         budget = {"keep_ratio": keep_ratio} if keep_ratio is not None else {"keep_count": keep_count}
-        self.base = get_method(base, **budget, **(base_params or {}))
+        try:
+            self.base = get_method(base, **budget, **(base_params or {}))
+        except UnknownParameterError as e:
+            raise UnknownParameterError(f"kvcrush: base_params: {e}") from None
         if not isinstance(self.base, KVMethod) or isinstance(self.base, KVCrush):
             raise StageError(f"kvcrush: base must be a kv-cache importance method (snapkv, pyramidkv, tova, knorm, "
                              f"streaming_llm, ...); got {base!r}")
         if self.base.evicts_during_decode:
             raise StageError(f"kvcrush adds representatives at prefill; {base} evicts again while decoding and would "
                              "drop them: use a prefill-time base (snapkv, pyramidkv, tova, knorm, streaming_llm)")
-        if not isinstance(crush_fraction, (int, float)) or not 0.0 <= crush_fraction <= 1.0:
-            raise BudgetError(f"kvcrush: crush_fraction is the share of the budget for representatives, in [0, 1]; "
-                              f"got {crush_fraction!r}")
-        if anchor not in ANCHORS:
-            raise BudgetError(f"kvcrush: anchor is one of {ANCHORS}; got {anchor!r}")
-        self.crush_fraction, self.anchor, self.seed = float(crush_fraction), anchor, seed
         self.accumulates = self.base.accumulates
 
     def describe(self) -> str:

@@ -43,6 +43,7 @@ from torch import Tensor
 from ..core.budget import mean_kept, solve_integer
 from ..core.errors import BudgetError, StageError
 from ..core.method import EncoderInfo, EncoderMethod
+from ..core.params import check_bool, check_choice, check_float, check_ints, fail, is_int, is_real
 from ..core.reduction import Reduction
 from ..core.registry import register
 from ..core.tokens import TokenState
@@ -162,32 +163,26 @@ class MCTF(EncoderMethod):
     paper = "Multi-criteria Token Fusion with One-step-ahead Attention for Efficient Vision Transformers"
     arxiv = "2403.10030"
     signals = ("attn",)
+    runs_alone = True  # its fused attention map replaces the next block's attention
 
     def __init__(self, r: int | float | None = None, keep_ratio: float | None = None, tau_sim: float = 1.0,
                  tau_info: float = 20.0, tau_size: float = 40.0, bidirectional: bool = True, one_step_ahead: int = 1,
                  layers=None, pooling: str = "attention", prop_attn: bool = True):
+        super().__init__(keep_ratio)
+        if r is not None and not ((is_int(r) and r >= 0) or (is_real(r) and 0 < r < 1)):
+            fail(self.name, "r", "an integer >= 0 (tokens fused per active block), a fraction in (0, 1) of the "
+                 "unprotected tokens, or None", r, BudgetError)
         if (r is None) == (keep_ratio is None):
             raise_budget("mctf", "r", r, keep_ratio)
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0 or math.isnan(r)
-                              or (not isinstance(r, int) and r >= 1)):
-            raise BudgetError(f"mctf r is an integer >= 0 (tokens fused per active block) or a fraction in (0, 1) "
-                              f"of the unprotected tokens; got {r!r}")
-        if one_step_ahead not in (0, 1, 2):
-            raise BudgetError(f"mctf one_step_ahead is 0 (off), 1 (approximate, the default) or 2 (precise); "
-                              f"got {one_step_ahead!r}")
-        if pooling not in POOLINGS:
-            raise BudgetError(f"mctf pooling is one of {sorted(POOLINGS)} ('max' is not a linear map); got {pooling!r}")
-        for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
-            if not isinstance(tau, (int, float)) or tau < 0:
-                raise BudgetError(f"mctf {name} must be >= 0 (0 turns the criterion off); got {tau!r}")
-        super().__init__(keep_ratio)
-        self.r = r
-        self.taus = (tau_sim, tau_info, tau_size)
-        self.bidirectional = bool(bidirectional)
-        self.one_step_ahead = one_step_ahead
-        self.layers = None if layers is None else tuple(int(v) for v in layers)
-        self.pooling = pooling
-        self.prop_attn = prop_attn
+        self.one_step_ahead = check_choice(self.name, "one_step_ahead", one_step_ahead, (0, 1, 2),
+                                           why="0 off, 1 approximate [default], 2 precise")
+        self.pooling = check_choice(self.name, "pooling", pooling, sorted(POOLINGS), why="'max' is not a linear map")
+        self.taus = tuple(check_float(self.name, name, tau, min=0.0, why="0 turns the criterion off")
+                          for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)))
+        self.r = int(r) if is_int(r) else r
+        self.bidirectional = check_bool(self.name, "bidirectional", bidirectional)
+        self.layers = check_ints(self.name, "layers", layers, optional=True, why="0-based block indices")
+        self.prop_attn = check_bool(self.name, "prop_attn", prop_attn)
 
     def describe(self) -> str:
         return f"r={self.r}" if self.r is not None else super().describe()

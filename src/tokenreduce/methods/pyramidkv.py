@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.errors import BudgetError
 from ..core.method import DecoderInfo
+from ..core.params import check_float
 from ..core.registry import register
 from .snapkv import SnapKV
 
@@ -70,9 +70,7 @@ class PyramidKV(SnapKV):
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, window_size: int = 32,
                  kernel_size: int = 5, pooling: str = "avgpool", beta: float = 20.0):
         super().__init__(keep_ratio, keep_count, window_size, kernel_size, pooling)
-        if not isinstance(beta, (int, float)) or beta < 1:
-            raise BudgetError(f"pyramidkv: beta (bottom-to-top budget ratio control) must be >= 1; got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_float(self.name, "beta", beta, min=1.0, why="controls the bottom-to-top budget ratio")
 
     def describe(self) -> str:
         return f"{super().describe()}, beta={self.beta}"

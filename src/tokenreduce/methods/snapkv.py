@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.errors import BudgetError
 from ..core.method import DecoderInfo, KVContext, KVMethod
+from ..core.params import check_choice, check_int
 from ..core.registry import register
 
 
@@ -50,13 +50,10 @@ class SnapKV(KVMethod):
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, window_size: int = 32,
                  kernel_size: int = 5, pooling: str = "avgpool"):
         super().__init__(keep_ratio, keep_count)
-        if not isinstance(window_size, int) or window_size < 1:
-            raise BudgetError(f"snapkv: window_size is the number of observation queries, an integer >= 1; got {window_size!r}")
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise BudgetError(f"snapkv: kernel_size must be an odd integer >= 1 (pooling keeps the length); got {kernel_size!r}")
-        if pooling not in ("avgpool", "maxpool"):
-            raise BudgetError(f"snapkv: pooling is 'avgpool' or 'maxpool'; got {pooling!r}")
-        self.window_size, self.kernel_size, self.pooling = window_size, kernel_size, pooling
+        self.window_size = check_int(self.name, "window_size", window_size, min=1, why="observation queries")
+        self.kernel_size = check_int(self.name, "kernel_size", kernel_size, min=1, odd=True,
+                                     why="pooling keeps the length")
+        self.pooling = check_choice(self.name, "pooling", pooling, ("avgpool", "maxpool"))
 
     def describe(self) -> str:
         return f"{super().describe()}, window_size={self.window_size}, kernel_size={self.kernel_size}, pooling={self.pooling}"

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.errors import BudgetError
 from ..core.method import EvictionContext, KVContext, KVMethod
+from ..core.params import check_bool, check_int
 from ..core.registry import register
 
 
@@ -45,14 +45,16 @@ class StreamingLLM(KVMethod):
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, n_sink: int = 4,
                  rolling: bool = False):
         super().__init__(keep_ratio, keep_count)
-        if not isinstance(n_sink, int) or n_sink < 0:
-            raise BudgetError(f"streaming_llm: n_sink is a number of leading tokens, an integer >= 0; got {n_sink!r}")
-        self.n_sink = n_sink
-        self.rolling = bool(rolling)
+        self.n_sink = check_int(self.name, "n_sink", n_sink, min=0, why="leading tokens always kept")
+        self.rolling = check_bool(self.name, "rolling", rolling)
         self.evicts_during_decode = self.repositions = self.rolling
 
     def describe(self) -> str:
         return f"{super().describe()}, n_sink={self.n_sink}" + (", rolling=True" if self.rolling else "")
+
+    def cache_positions(self, real: Tensor) -> Tensor:
+        """Sec. 3.2, positions within the cache: the kept entries at 0..M-1, in text order (a new token then at M)."""
+        return real.long().cumsum(-1) - 1
 
     def evict_score(self, ctx: EvictionContext) -> Tensor:
         """Sinks (the first ``n_sink`` real slots) first, then the newest entries."""

@@ -45,8 +45,9 @@ import torch
 from torch import Tensor
 
 from ..core.budget import Schedule, mean_kept, solve_integer, tome_schedule
-from ..core.errors import BudgetError, StageError
+from ..core.errors import StageError
 from ..core.method import EncoderInfo, EncoderMethod
+from ..core.params import check_bool, check_choice, check_float, check_int, check_per_layer_r
 from ..core.reduction import Reduction
 from ..core.registry import register
 from ..core.tokens import TokenState
@@ -138,18 +139,15 @@ class TokenTransforming(EncoderMethod):
     def __init__(self, r: int | list | tuple | None = None, keep_ratio: float | None = None, k: int | None = 2,
                  temperature: float = 0.02, criterion: str = "similarity", spread_targets: bool = False,
                  prop_attn: bool = True):
+        super().__init__(keep_ratio)
+        self.r = check_per_layer_r(self.name, "r", r)
         if (r is None) == (keep_ratio is None):
             raise_budget("token_transforming", "r", r, keep_ratio)
-        if k is not None and (not isinstance(k, int) or k < 1):
-            raise BudgetError("token_transforming: k (targets per source) must be an integer >= 1 or None (all "
-                              f"targets); got {k!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise BudgetError(f"token_transforming: temperature must be >= 0 (0 = hard argmax); got {temperature!r}")
-        if criterion not in CRITERIA:
-            raise BudgetError(f"token_transforming: criterion must be one of {CRITERIA}; got {criterion!r}")
-        super().__init__(keep_ratio)
-        self.r, self.k, self.temperature = r, k, float(temperature)
-        self.criterion, self.spread_targets, self.prop_attn = criterion, spread_targets, prop_attn
+        self.k = check_int(self.name, "k", k, min=1, optional=True, why="targets per source; None = all targets")
+        self.temperature = check_float(self.name, "temperature", temperature, min=0.0, why="0 = hard argmax")
+        self.criterion = check_choice(self.name, "criterion", criterion, CRITERIA)
+        self.spread_targets = check_bool(self.name, "spread_targets", spread_targets)
+        self.prop_attn = check_bool(self.name, "prop_attn", prop_attn)
         self.schedule: Schedule | None = None
         self.signals = ("keys", "cls_attn") if criterion == "cls_attn" else ("keys",)
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..core.budget import Schedule, mean_kept, solve_integer, tome_schedule
 from ..core.method import EncoderInfo, EncoderMethod
+from ..core.params import check_bool, check_per_layer_r
 from ..core.reduction import Reduction
 from ..core.registry import register
 from ..core.tokens import TokenState
@@ -109,11 +110,11 @@ class ToMe(EncoderMethod):
     signals = ("keys",)
 
     def __init__(self, r: int | list | tuple | None = None, keep_ratio: float | None = None, prop_attn: bool = True):
+        super().__init__(keep_ratio)
+        self.r = check_per_layer_r(self.name, "r", r)
+        self.prop_attn = check_bool(self.name, "prop_attn", prop_attn)
         if (r is None) == (keep_ratio is None):
             raise_budget("tome", "r", r, keep_ratio)
-        super().__init__(keep_ratio)
-        self.r = r
-        self.prop_attn = prop_attn
         self.schedule: Schedule | None = None
 
     def describe(self) -> str:

@@ -1,0 +1,1 @@
+"""Reusable signals: attention rows from Q and K (`attention`) and rotary positions (`rope`)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .encoder import EncoderFamily
+from .encoders import EncoderFamily
 
 
 def _attention_part(block, x, mask=None, *args, **kwargs):

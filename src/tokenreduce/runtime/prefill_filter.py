@@ -9,11 +9,10 @@ output and MLP, never run) and the second prefill runs on ``k`` tokens.
 
 How it attaches (all undone exactly by `PrefillFilterAttachment.remove`):
 
-* Layer ``L``'s attention module gets the ``"tokenreduce"`` attention function of
-  transformers' registry (registered in `adapters.encoder`; it dispatches on the module's slot
-  attribute) through an instance-level copy of its config. During a filter pass our function
-  scores the tokens and raises a private exception that ends the pass; otherwise it calls the
-  model's own implementation (SDPA or eager) unchanged.
+* Layer ``L``'s attention module is routed to `attend` (`runtime.routing`). During a filter
+  pass it scores the tokens and raises a private exception that ends the pass; otherwise it
+  passes the call on unchanged. The filter pass is marked as a probe (`routing.probe_pass`)
+  so a kv-cache stage attached with it ignores the pass.
 * A forward pre-hook (with kwargs) on the backbone (``LlamaModel`` & co.) sees every call.
   A fresh prompt (no cache, or an empty one) is filtered: the hook calls the backbone itself
   for the filter pass (the model's own embedding, masks and rotary code, no cache), then
@@ -57,68 +56,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..core.errors import BudgetError, NeverFiredError, StageError, UnsupportedModelError
+from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.kv import CompressedLayer, kv_bytes, select_kept
-from ..core.method import DecoderInfo, Method
+from ..core.method import DecoderInfo, PrefillFilterMethod
 from ..core.stats import Stats
 from ..core.undo import Undo
-from .decoder import DecoderFamily, attention_modules, check_implementation, route_attention
-from .encoder import _SLOT, _original
-
-
-
-class PrefillFilterMethod(Method):
-    """A decoder-stage method that filters the prompt once, in an early layer, before prefill.
-
-    Budget (one meaning): ``keep_ratio`` = fraction of each sample's real prompt tokens kept
-    (``floor``, at least 1), or ``keep_count`` = tokens kept per sample. The method scores
-    (`score`) and says where (`filter_layer`); the attachment selects, re-prefills and keeps
-    positions and masks right.
-    """
-
-    stage = "decoder"
-
-    def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
-        from ..core.budget import KeepCount
-
-        if (keep_ratio is None) == (keep_count is None):
-            raise BudgetError(f"{self.name} needs exactly one budget: keep_ratio (fraction of the prompt's tokens kept, "
-                              f"e.g. get_method('{self.name}', keep_ratio=0.125)) or keep_count (prompt tokens kept per "
-                              "sample)")
-        super().__init__(keep_ratio)
-        self.count = KeepCount(keep_count) if keep_count is not None else None
-
-    def describe(self) -> str:
-        return f"keep_ratio={self.budget.ratio}" if self.budget else f"keep_count={self.count.count}"
-
-    def filter_layer(self, info: DecoderInfo, config) -> int:
-        """The decoder layer (0-based) whose attention scores the prompt."""
-        raise NotImplementedError
-
-    def budgets(self, lengths: Tensor) -> Tensor:
-        """Tokens kept per sample [B] for prompts of ``lengths`` [B] real tokens."""
-        n = lengths.to(torch.long)
-        if self.count is not None:
-            if bool((n < self.count.count).any()):
-                raise BudgetError(f"{self.name}: keep_count={self.count.count} is larger than the prompt ({int(n.min())} "
-                                  "tokens in the shortest sample); use a smaller keep_count or keep_ratio")
-            return torch.full_like(n, self.count.count)
-        m = torch.floor(n.to(torch.float64) * self.budget.ratio + 1e-9).to(torch.long)
-        if bool((m < 1).any()):
-            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} keeps less than 1 of the {int(n.min())} "
-                              "prompt tokens of the shortest sample; raise keep_ratio or use keep_count=1 or more")
-        return m
-
-    def score(self, query: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
-        """Scores [B, N] (higher kept) from the last query ``query`` [B, H, D] and ``keys`` [B, H_kv, N, D]
-        (post-RoPE, layer ``L``); ``valid`` [B, N] marks real tokens (padding's score is ignored)."""
-        raise NotImplementedError
-
-    def scoring_flops(self, length: int, info: DecoderInfo) -> float:
-        """FLOPs of scoring (batch of one) beyond the projections the model computes anyway."""
-        return 0.0
+from ..families.decoders import DecoderFamily, attention_modules, decoder_info, layer_types
+from .routing import check_implementation, probe_pass, route
 
 
 class _FilterDone(Exception):
@@ -164,19 +110,13 @@ class PrefillFilterAttachment:
         self.layers = list(family.layers(backbone))
         self.attns = attention_modules(family, backbone)
         impl = check_implementation(config, method.name)
-        layer_types = get_layer_types_and_kwargs(config)[0]
-        if any(t != "full_attention" for t in layer_types):
+        types = layer_types(config)
+        if any(t != "full_attention" for t in types):
             raise UnsupportedModelError(
                 f"{method.name} supports decoders whose layers all use full attention; this {family.name} model has "
-                f"{sorted(set(layer_types))} layers (sliding_window={getattr(config, 'sliding_window', None)}): the "
+                f"{sorted(set(types))} layers (sliding_window={getattr(config, 'sliding_window', None)}): the "
                 "shortened prompt's cache would not line up with sliding-window caches")
-        heads = config.num_attention_heads
-        self.info = DecoderInfo(
-            family=family.name, num_layers=len(self.layers), num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            hidden_size=config.hidden_size, compressible=tuple(range(len(self.layers))),
-        )
+        self.info = decoder_info(family, backbone, tuple(range(len(self.layers))))
         self.mlp_size = config.intermediate_size
         layer = method.filter_layer(self.info, config)
         if not isinstance(layer, int) or not 0 <= layer < self.info.num_layers:
@@ -198,10 +138,8 @@ class PrefillFilterAttachment:
 
     # ------------------------------------------------------------------ attach / remove
     def _attach(self):
-        if any(_SLOT in a.__dict__ for a in self.attns):
-            raise StageError("this model already has tokenreduce methods attached; pass all methods to one apply()")
         try:
-            route_attention(self.attns[self.filter_layer], self, self.filter_layer, self.impl, self._undo)
+            route(self.attns[self.filter_layer], self, self.filter_layer, self._undo)
             h1 = self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True)
             h2 = self.backbone.register_forward_hook(self._end, with_kwargs=True)
             self._undo += [h1.remove, h2.remove]
@@ -220,12 +158,11 @@ class PrefillFilterAttachment:
         self._flagged = weakref.WeakSet()
 
     # ------------------------------------------------------------------ the filter layer's attention
-    def attend(self, index, module, query, key, value, attention_mask, **kwargs):
+    def attend(self, index, module, query, key, value, attention_mask, proceed, **kwargs):
         if self._filtering:
             self._scores = self.method.score(query[:, :, -1], key, self._valid)
             raise _FilterDone
-        impl = _original(module, module.__dict__["_tokenreduce_impl"])
-        return impl(module, query, key, value, attention_mask, **kwargs)
+        return proceed(query, key, value, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ backbone hooks
     def _begin(self, backbone, args, kwargs):
@@ -310,7 +247,8 @@ class PrefillFilterAttachment:
         run["past_key_values"], run["use_cache"] = None, False
         self._filtering, self._valid, self._scores = True, valid, None
         try:
-            self.backbone(**run)
+            with probe_pass(self.backbone):
+                self.backbone(**run)
         except _FilterDone:
             pass
         finally:
@@ -325,6 +263,8 @@ class PrefillFilterAttachment:
     def _continue(self, kw: dict, cache: Cache, batch: int, q: int) -> dict:
         """A later forward on a filtered cache: let the compressed layers be masked by transformers' one mask."""
         layers = [l for l in cache.layers if isinstance(l, CompressedLayer)]
+        if any(l.refiltered for l in layers):
+            return kw  # a kv-cache stage compressed the filtered cache further: it masks every layer itself
         for l in layers:
             l.masked_by = self
             self._flagged.add(l)
@@ -381,10 +321,14 @@ class PrefillFilterAttachment:
             kept_h = p["kept"][:, None, :].expand(-1, info.num_kv_heads, -1)
             slot = None if bool(p["slot"].all()) else p["slot"]
             for i, layer in enumerate(cache.layers):
-                if not (type(layer) is DynamicLayer and layer.is_initialized and layer.keys.shape[-2] == k_w):
+                if isinstance(layer, CompressedLayer) and layer.compressed_length == k_w:
+                    new = _refer_to_prompt(layer, kept_h, p["length"])  # a kv-cache stage compressed it further
+                elif type(layer) is DynamicLayer and layer.is_initialized and layer.keys.shape[-2] == k_w:
+                    new = CompressedLayer(layer.keys, layer.values, p["length"], kept_h, slot)
+                else:
                     raise StageError(f"layer {i} of the cache holds {getattr(layer, 'keys', None) is not None and layer.keys.shape[-2]} "
                                      f"entries after the filtered prefill, expected {k_w}")
-                new = CompressedLayer(layer.keys, layer.values, p["length"], kept_h, slot)
+                new.filtered_by = self
                 cache.layers[i] = new
                 before = layer.keys[..., :1, :].numel() * n_w * layer.keys.element_size() * 2
                 s.kv_layers.append(i)
@@ -402,3 +346,17 @@ class PrefillFilterAttachment:
             raise NeverFiredError(f"the model ran but its {self.info.family} decoder did not, so {self.method.name} never "
                                   "fired; call the causal LM (or its decoder) the method is attached to")
         self._ran = False
+
+
+def _refer_to_prompt(layer: CompressedLayer, kept: Tensor, length: int) -> CompressedLayer:
+    """A layer a kv-cache stage compressed during the filtered prefill, made to stand for the whole prompt.
+
+    Its slots point into the ``k`` kept tokens; ``kept`` [B, H_kv, k] maps those to prompt
+    positions, and the logical length becomes the prompt's, as for a layer only this stage filtered.
+    """
+    inner = layer.kept.to(kept.device)
+    layer.kept = torch.where(inner >= 0, kept.gather(-1, inner.clamp_min(0)), -1)
+    layer.cumulative_length += length - layer.compressed_length
+    layer.compressed_length = length
+    layer.refiltered = True
+    return layer

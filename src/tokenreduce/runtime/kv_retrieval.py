@@ -7,11 +7,9 @@ scoring (codes, codebooks, the selection rule) belongs to the method (`methods.a
 
 How it attaches (all undone exactly by `KVRetrievalAttachment.remove`):
 
-* Each full-attention module gets an instance-level config copy whose
-  ``_attn_implementation_internal`` is ``"tokenreduce"`` (the shared function of
-  `adapters.encoder`, dispatching on the module's ``_SLOT``), as `adapters.decoder` does; the
-  backbone keeps the original config, so transformers builds the masks of the original
-  implementation (SDPA or eager) and we call that implementation for the exact attention.
+* Each full-attention module is routed to `attend` (`runtime.routing`); the backbone keeps the
+  original config, so transformers builds the masks of the original implementation (SDPA or
+  eager) and the chain ends in that implementation for the exact attention.
   Sliding-window layers are left alone (they bound their cache already).
 * A forward pre-hook (with kwargs) on each attention module takes the RoPE ``(cos, sin)`` of
   the running forward and its cache. Pre-RoPE keys: the attention function receives the
@@ -39,43 +37,21 @@ transfers as figures computed from tensor sizes, not measured.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache
 
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
-from ..core.method import DecoderInfo
 from ..core.stats import Stats
 from ..core.undo import Undo
-from .decoder import DecoderFamily, attention_modules, check_implementation, find_decoder, route_attention
-from .encoder import _original
-
-
-
-# ---------------------------------------------------------------------------- RoPE helpers
-def _rotate_half(x: Tensor) -> Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply RoPE to ``x`` [B, H, q, D] with ``cos``/``sin`` [B or 1, q, r] (r <= D rotary dims, as transformers)."""
-    r = cos.shape[-1]
-    c, s = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    xr = x[..., :r]
-    return torch.cat((xr * c + _rotate_half(xr) * s, x[..., r:]), dim=-1)
-
-
-def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """The inverse of `rotate` (divides by cos² + sin², the RoPE attention scaling squared)."""
-    r = cos.shape[-1]
-    c, s = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    xr = x[..., :r]
-    return torch.cat(((xr * c - _rotate_half(xr) * s) / (c * c + s * s), x[..., r:]), dim=-1)
+from ..families.decoders import DecoderFamily, attention_modules, decoder_info, find_decoder, layer_types
+from ..scoring.rope import rotate, unrotate
+from .routing import check_implementation, route
 
 
 # ---------------------------------------------------------------------------- exact attention over a subset
@@ -165,19 +141,13 @@ class _Routed:
         self.family, self.backbone = family, backbone
         config = backbone.config
         self.impl = check_implementation(config, "retrieval attention")
-        layers = list(family.layers(backbone))
         attns = attention_modules(family, backbone)
-        types = get_layer_types_and_kwargs(config)[0]
+        types = layer_types(config)
         self.full = tuple(i for i, t in enumerate(types) if t == "full_attention")
         if not self.full:
             raise UnsupportedModelError(f"every layer of this {family.name} model is a {types[0]!r} layer; retrieval "
                                         "attention leaves sliding-window layers alone, so there is nothing to do")
-        heads = config.num_attention_heads
-        self.info = DecoderInfo(
-            family=family.name, num_layers=len(layers), num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            hidden_size=config.hidden_size, compressible=self.full)
+        self.info = decoder_info(family, backbone, self.full)
         self.attns = [attns[i] for i in self.full]  # index k of the routed modules = full layer self.full[k]
         self.rotary = getattr(backbone, "rotary_emb", None)
         if self.rotary is None:
@@ -190,7 +160,7 @@ class _Routed:
     def route(self):
         try:
             for k, attn in enumerate(self.attns):
-                route_attention(attn, self, k, self.impl, self._undo)
+                route(attn, self, k, self._undo)
                 h = attn.register_forward_pre_hook(partial(self._before_attention, k), with_kwargs=True)
                 self._undo.append(h.remove)
             h = self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True)
@@ -219,7 +189,10 @@ class _Routed:
     def wrope(self, position: int, dtype, device) -> tuple[Tensor, Tensor]:
         """``(cos, sin)`` [1, 1, r] of the fixed position windowed RoPE rotates decoding queries to."""
         x = torch.zeros(1, dtype=torch.float32, device=device)
-        cos, sin = self.rotary(x, torch.tensor([[position]], device=device))
+        extra = {}
+        if "layer_type" in inspect.signature(self.rotary.forward).parameters:  # Gemma 3: one RoPE per layer type
+            extra["layer_type"] = "full_attention"  # retrieval runs on the full-attention layers only
+        cos, sin = self.rotary(x, torch.tensor([[position]], device=device), **extra)
         return cos.to(dtype), sin.to(dtype)
 
     def check_ran(self):
@@ -228,12 +201,12 @@ class _Routed:
                                   "the causal LM (or its decoder) the method is attached to")
         self._ran = False
 
-    def attend(self, k, module, query, key, value, attention_mask, **kwargs):  # pragma: no cover - overridden
+    def attend(self, k, module, query, key, value, attention_mask, proceed, **kwargs):  # pragma: no cover - overridden
         raise NotImplementedError
 
 
 class KVRetrievalAttachment(_Routed):
-    """A retrieval kv-cache method (``method.retrieval`` is True) attached to one causal LM.
+    """A retrieval kv-cache method (`core.method.RetrievalMethod`) attached to one causal LM.
 
     The method supplies ``check(info)`` (raises `CalibrationError` before any work),
     ``encode(k, keys_pre) -> codes [B, H_kv, q]``, ``decode_selection(k, query_w, codes, valid,
@@ -283,8 +256,8 @@ class KVRetrievalAttachment(_Routed):
         return codes
 
     # ------------------------------------------------------------------ the attention function
-    def attend(self, k, module, query, key, value, attention_mask, **kwargs):
-        impl = _original(module, module.__dict__["_tokenreduce_impl"])
+    def attend(self, k, module, query, key, value, attention_mask, proceed, **kwargs):
+        impl = lambda module, q, k_, v, mask, **kw: proceed(q, k_, v, mask, **kw)  # noqa: E731  the rest of the chain
         st = self._step.get(k)
         if st is None:
             raise StageError("the retrieval attention function ran without its pre-hook; call the attention module, "
@@ -374,7 +347,7 @@ class _Capture(_Routed):
         self.position, self.callback = position, callback
         self.route()
 
-    def attend(self, k, module, query, key, value, attention_mask, **kwargs):
+    def attend(self, k, module, query, key, value, attention_mask, proceed, **kwargs):
         st = self._step[k]
         q, total = query.shape[-2], key.shape[-2]
         dt = torch.promote_types(key.dtype, torch.float32)
@@ -382,8 +355,7 @@ class _Capture(_Routed):
         keys_pre = unrotate(key[..., total - q:, :].to(dt), cos, sin)
         query_w = rotate(unrotate(query.to(dt), cos, sin), *self.wrope(self.position, dt, query.device))
         self.callback(k, keys_pre, query_w)
-        impl = _original(module, module.__dict__["_tokenreduce_impl"])
-        return impl(module, query, key, value, attention_mask, **kwargs)
+        return proceed(query, key, value, attention_mask, **kwargs)
 
 
 @contextlib.contextmanager

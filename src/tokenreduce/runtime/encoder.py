@@ -5,8 +5,8 @@ How it attaches (all undone exactly by `EncoderAttachment.remove`):
 * Each block gets an instance-level ``forward`` (the class is untouched). This is the one
   monkey-patch: the reduction sits *inside* the block, after the attention residual and
   before the MLP (where ToMe merges), and no hook reaches that point.
-* The attention modules of those blocks run through the ``"tokenreduce"`` entry of
-  transformers' attention-function registry. It adds the key bias (``log size`` for
+* The attention modules of those blocks are routed (`runtime.routing`) to `attend`, which adds
+  the key bias (``log size`` for
   proportional attention, a mask for padded tokens), computes only the signals the methods
   asked for (keys, the [CLS] row, full probabilities) from Q and K, and then calls the
   model's own implementation (SDPA by default) — the model is never switched to eager.
@@ -18,63 +18,34 @@ How it attaches (all undone exactly by `EncoderAttachment.remove`):
   an attention override with its reduction: the block's attention then outputs
   ``override @ V`` (V from the reduced tokens) instead of calling SDPA.
 
-A family adapter (``adapters/vit.py`` …) says where the blocks are and how a block splits
-into its attention part and MLP part; this module does the rest, once for all families.
+A family (``families/vit.py`` …) says where the blocks are and how a block splits into its
+attention part and MLP part; this module does the rest, once for all families.
+
+Several methods in one tower run in the order given, at each block. A method that reduces
+after another one at the same block sees that block's attention signals carried through
+the earlier reduction (`Reduction.carry_signals`: attention received is summed over merged
+tokens, keys and queries are averaged as the hidden states). Two rules are checked before
+any work: a method that fixes a block's attention (``runs_alone``: MCTF) is the only
+encoder method; a method that needs the intact patch grid (``needs_grid``: pool) reduces
+before every other method does.
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
-from typing import Callable
-
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..core.undo import Undo
 from ..core.errors import NeverFiredError, StageError
 from ..core.method import EncoderInfo, EncoderMethod
 from ..core.stats import Stats, vit_attention_flops, vit_mlp_flops
 from ..core.tokens import TokenState
-
-IMPL = "tokenreduce"
-_SLOT = "_tokenreduce_layer"  # attribute set on attention modules while attached
+from ..core.undo import Undo
+from ..families.encoders import EncoderFamily
+from ..scoring.attention import cls_attention, full_attention
+from .routing import route
 
 
 class _Probed(Exception):
     """Raised by the attention function in a probe, once the signals are taken: stops the module."""
-
-
-@dataclass(frozen=True)
-class EncoderFamily:
-    """Where a model family keeps its encoder blocks and how one block is split in two."""
-
-    name: str
-    block_classes: tuple[str, ...]
-    attention: Callable[[nn.Module], nn.Module]  # the module that calls the attention interface
-    attention_part: Callable[..., Tensor]  # (block, x, mask, **kwargs) -> x + attention residual
-    mlp_part: Callable[[nn.Module, Tensor], Tensor]  # (block, x) -> x + MLP residual
-    num_prefix: Callable[[object], int]  # protected leading tokens, from the config
-    mlp_size: Callable[[object], int]  # from the config
-
-
-def _attention_function(module, query, key, value, attention_mask, **kwargs):
-    layer = module.__dict__.get(_SLOT)
-    if layer is None:  # a module of a tower we did not attach to
-        return _original(module, getattr(module, "_tokenreduce_impl", "sdpa"))(module, query, key, value, attention_mask, **kwargs)
-    attachment, index = layer
-    return attachment.attend(index, module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(IMPL, _attention_function)
-
-
-def _original(module: nn.Module, impl: str | None) -> Callable:
-    if impl in (None, "eager"):
-        # the model file's own eager function, so results stay bit for bit those of the model
-        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
-    return ALL_ATTENTION_FUNCTIONS[impl]
 
 
 class EncoderAttachment:
@@ -87,6 +58,7 @@ class EncoderAttachment:
             family=family.name, num_layers=len(self.blocks), hidden_size=config.hidden_size,
             num_heads=config.num_attention_heads, num_prefix=family.num_prefix(config), mlp_size=family.mlp_size(config),
         )
+        check_composition(methods)
         for m in methods:
             m.check(self.info)
         self.track_source = track_source
@@ -103,20 +75,13 @@ class EncoderAttachment:
     # ------------------------------------------------------------------ attach / remove
     def _attach(self):
         attns = [self.family.attention(b) for b in self.blocks]
-        for a in attns:
-            if _SLOT in a.__dict__:
-                raise StageError("this encoder already has tokenreduce methods attached; pass all methods to one apply()")
-        original = {}  # config id -> its implementation before we switched it (blocks share configs)
+        if any("forward" in b.__dict__ for b in self.blocks):
+            raise StageError("this encoder already has tokenreduce methods attached (another apply() or patch() is "
+                             "still open); pass all methods to one apply(), or remove the other handle first")
         try:
             for i, (block, attn) in enumerate(zip(self.blocks, attns)):
                 self._undo.set_instance_attr(block, "forward", self._block_forward(i, block))
-                self._undo.set_instance_attr(attn, _SLOT, (self, i))
-                cfg = attn.config
-                if id(cfg) not in original:
-                    original[id(cfg)] = impl = cfg._attn_implementation_internal
-                    cfg._attn_implementation_internal = IMPL  # direct: the setter would recurse into sub-configs
-                    self._undo.append(lambda c=cfg, v=impl: setattr(c, "_attn_implementation_internal", v))
-                self._undo.set_instance_attr(attn, "_tokenreduce_impl", original[id(cfg)])
+                route(attn, self, i, self._undo)
         except Exception:
             self.remove()
             raise
@@ -141,6 +106,26 @@ class EncoderAttachment:
         self._info_now = EncoderInfo(**{**self.info.__dict__, "patch_grid": grid})
         for m in self.methods:
             m.start(self._info_now, n)
+        self._check_grid_order()
+
+    def _check_grid_order(self):
+        """A method that needs the intact patch grid must reduce before any other method does (checked per forward,
+        before the first block: schedules are known once every method has started)."""
+        first = {id(m): next((i for i in range(self.info.num_layers) if m.wants_signals(i)
+                              or m.reduces_before_attention(i)), None) for m in self.methods}
+        for pos, m in enumerate(self.methods):
+            if not getattr(m, "needs_grid", False) or m.reduces_nothing or first[id(m)] is None:
+                continue
+            at = first[id(m)]
+            for other_pos, o in enumerate(self.methods):
+                j = first[id(o)]
+                if o is m or o.reduces_nothing or j is None:
+                    continue
+                if j < at or (j == at and other_pos < pos):
+                    raise StageError(f"{m!r} pools the intact patch grid at block {at}, but {o!r} reduces tokens "
+                                     f"{'at an earlier block (' + str(j) + ')' if j < at else 'before it in the same block'}"
+                                     f"; rule: a grid method reduces before every other encoder method — list it first "
+                                     "and give it the earliest block (e.g. pool(kernel=2, layer=0))")
 
     def run_block(self, index: int, block: nn.Module, x: Tensor, attention_mask=None, *args, **kwargs):
         if index == 0:
@@ -164,12 +149,14 @@ class EncoderAttachment:
             x = self.family.attention_part(block, x, attention_mask, *args, **kwargs)
         finally:
             self._override = None
-        for m in active:
+        for i, m in enumerate(active):
             red = m.reduce(index, x, state, self.signals)
             self._fired[id(m)] = True
             self.stats.scoring_flops += m.scoring_flops(index, x.shape[1], self._info_now)
             if red is not None:
                 x = state.apply(red, x)
+                if i + 1 < len(active):  # the next method scores the reduced tokens
+                    self.signals = red.carry_signals(self.signals)
         self.signals = {}
         n_mlp = x.shape[1]
         x = self.family.mlp_part(block, x)
@@ -236,7 +223,7 @@ class EncoderAttachment:
 
         return probe
 
-    def attend(self, index, module, query, key, value, attention_mask, **kwargs):
+    def attend(self, index, module, query, key, value, attention_mask, proceed, **kwargs):
         state = self.tokens
         bias = state.key_bias(self.prop_attn and not state.uniform_sizes(), query.dtype) if state is not None else None
         if bias is not None:
@@ -251,7 +238,7 @@ class EncoderAttachment:
             return (probs @ value).transpose(1, 2).contiguous(), probs
         if self._needs:
             self._observe(query, key, attention_mask, kwargs.get("scaling"), self._needs)
-        return _original(module, module.__dict__["_tokenreduce_impl"])(module, query, key, value, attention_mask, **kwargs)
+        return proceed(query, key, value, attention_mask, **kwargs)
 
     def _observe(self, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, needs: set,
                  probs: Tensor | None = None):
@@ -262,21 +249,9 @@ class EncoderAttachment:
         if "queries" in needs:
             self.signals["queries"] = query
         if "cls_attn" in needs:
-            if probs is not None:
-                self.signals["cls_attn"] = probs[:, :, 0]
-            else:
-                logits = (query[:, :, :1] @ key.transpose(-1, -2)) * scale
-                if mask is not None:
-                    logits = logits + (mask[..., :1, :] if mask.shape[-2] > 1 else mask)
-                self.signals["cls_attn"] = logits.softmax(-1)[:, :, 0]  # [B, H, N]
+            self.signals["cls_attn"] = probs[:, :, 0] if probs is not None else cls_attention(query, key, mask, scale)
         if "attn" in needs:
-            if probs is not None:
-                self.signals["attn"] = probs
-            else:
-                logits = (query @ key.transpose(-1, -2)) * scale
-                if mask is not None:
-                    logits = logits + mask
-                self.signals["attn"] = logits.softmax(-1)  # [B, H, N, N]
+            self.signals["attn"] = probs if probs is not None else full_attention(query, key, mask, scale)
         if "scale" in needs:
             self.signals["scale"] = scale
 
@@ -301,14 +276,30 @@ class EncoderAttachment:
                                   f"{self.info.family} encoder: its layers are outside the model's blocks; "
                                   "choose layers in range or a model with more blocks")
 
-    def check_ran(self):
-        """Called after the model's forward: the encoder must have run with our blocks."""
-        if not self._ran:
+    def check_ran(self, required: bool = True):
+        """Called after the model's forward: the encoder must have run with our blocks if the call ``required`` it
+        (it carried images, or the model is the encoder). Whether each method fired is checked at the last block."""
+        ran, self._ran = self._ran, False
+        if required and not ran:
             raise NeverFiredError(
                 f"the model ran but its {self.info.family} encoder blocks did not, so "
                 f"{', '.join(m.name for m in self.methods)} never fired; call the model (or the vision tower) "
                 "whose encoder the methods are attached to")
-        self._ran = False
+
+
+def check_composition(methods: list[EncoderMethod]) -> None:
+    """Refuse, before any work, encoder methods that cannot share one tower (see the module docstring)."""
+    seen: set[int] = set()
+    for m in methods:
+        if id(m) in seen:
+            raise StageError(f"{m!r} is passed twice; a method object holds one forward's schedule and state — pass it "
+                             "once, or pass two separately configured methods")
+        seen.add(id(m))
+    alone = [m for m in methods if getattr(m, "runs_alone", False)]
+    if alone and len(methods) > 1:
+        raise StageError(f"{alone[0]!r} fixes the attention of the blocks it fuses (one-step-ahead attention) and must "
+                         f"be the only encoder method in its tower; got {', '.join(repr(m) for m in methods)}. Rule: "
+                         "a method that overrides a block's attention runs alone")
 
 
 def _probe_flops(n: int, hidden: int, names) -> float:

@@ -2,13 +2,10 @@
 
 How it attaches (all undone exactly by `DecoderAttachment.remove`):
 
-* Each attention module gets the ``"tokenreduce"`` attention function of transformers'
-  registry (the one `adapters.encoder` registers; it dispatches on the module's slot
-  attribute, so encoder and decoder attachments coexist) through an instance-level copy of
-  its config whose ``_attn_implementation`` is ``"tokenreduce"``. The backbone keeps the
-  original config, so transformers still builds the masks of the original implementation
-  (SDPA or eager), and our function calls that implementation — the model never switches to
-  eager. At prefill it first computes, from the post-RoPE queries and the keys after the
+* Each attention module is routed to `attend` (`runtime.routing`: the backbone keeps the
+  original config, so transformers still builds the masks of the original implementation,
+  SDPA or eager, and the chain ends in that implementation — the model never switches to
+  eager). At prefill it first computes, from the post-RoPE queries and the keys after the
   cache update, only the softmax rows a method asked for (SnapKV's observation window,
   TOVA's last query).
 * A forward pre-hook (with kwargs) on each attention module takes the cache
@@ -23,109 +20,32 @@ How it attaches (all undone exactly by `DecoderAttachment.remove`):
   different lengths, our attention function builds each layer's mask itself
   (`core.kv.layer_mask`) instead of transformers' one mask per forward.
 
-A family is described once (`DecoderFamily`): backbone class, attention class, where the
-layers are. Which layers are full attention comes from the config's layer types
-(transformers' own ``get_layer_types_and_kwargs``): sliding-window layers (Mistral with
-``sliding_window`` set, Qwen2 with ``use_sliding_window``) are left alone — they already
-bound their cache — and a model without any full-attention layer is refused.
+A family is described once (`families.decoders`). Sliding-window layers are left alone —
+they already bound their cache — and a model without any full-attention layer is refused.
+A forward that only gathers signals for another stage (GemFilter's filter pass,
+`routing.probe_pass`) is ignored.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import inspect
-import time
 import weakref
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..core.undo import Undo
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.kv import CompressedLayer, kv_bytes, layer_mask, select_kept
-from ..core.method import DecoderInfo, EvictionContext, KVContext, KVMethod
+from ..core.method import DecoderInfo, KVContext, KVMethod
 from ..core.stats import Stats
-from .encoder import _SLOT, IMPL, _original
-
-SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class DecoderFamily:
-    """Where a causal-LM family keeps its decoder layers and attention modules."""
-
-    name: str
-    backbone_classes: tuple[str, ...]  # the module holding ``layers`` and building the masks
-    attention_classes: tuple[str, ...]
-    layers: Callable[[nn.Module], nn.ModuleList] = lambda backbone: backbone.layers
-    attention: Callable[[nn.Module], nn.Module] = lambda layer: layer.self_attn
-
-
-LLAMA = DecoderFamily("llama", ("LlamaModel",), ("LlamaAttention",))  # SmolLM2
-QWEN2 = DecoderFamily("qwen2", ("Qwen2Model",), ("Qwen2Attention",))
-QWEN3 = DecoderFamily("qwen3", ("Qwen3Model",), ("Qwen3Attention",))  # q/k norms: we see Q and K after them
-MISTRAL = DecoderFamily("mistral", ("MistralModel",), ("MistralAttention",))
-PHI3 = DecoderFamily("phi3", ("Phi3Model",), ("Phi3Attention",))  # fused qkv projection: irrelevant here
-# Gemma 3: five sliding-window layers to one global layer; only the global layers are compressed. Its attention
-# scale (query_pre_attn_scalar) reaches our function as ``scaling``, its q/k norms come before, as Qwen3's.
-GEMMA3 = DecoderFamily("gemma3", ("Gemma3TextModel",), ("Gemma3Attention",))
-
-DECODER_FAMILIES: tuple[DecoderFamily, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA3)
-SUPPORTED_DECODERS = "Llama (SmolLM2), Qwen2, Qwen3, Mistral, Phi3, Gemma3 (*ForCausalLM or the bare *Model)"
-
-
-def attention_modules(family: DecoderFamily, backbone: nn.Module) -> list[nn.Module]:
-    """The attention module of every decoder layer, in order, checked against the family's classes."""
-    attns = [family.attention(layer) for layer in family.layers(backbone)]
-    for a in attns:
-        if type(a).__name__ not in family.attention_classes:
-            raise UnsupportedModelError(f"{family.name}: expected {family.attention_classes} attention modules, "
-                                        f"found {type(a).__name__}")
-    return attns
-
-
-def check_implementation(config, who: str) -> str:
-    """The model's attention implementation, if our attention function can wrap it (else a clear refusal)."""
-    impl = config._attn_implementation
-    if impl not in SUPPORTED_IMPLEMENTATIONS:
-        raise UnsupportedModelError(f"{who} run(s) with attn_implementation in {SUPPORTED_IMPLEMENTATIONS}; this model "
-                                    f"uses {impl!r}: load it with attn_implementation='sdpa'")
-    return impl
-
-
-def route_attention(attn: nn.Module, owner, index: int, impl: str, undo: Undo) -> None:
-    """Send ``attn`` through the shared "tokenreduce" attention function, to ``owner.attend(index, ...)``.
-
-    Only this module sees an instance-level config copy naming "tokenreduce"; the backbone keeps
-    the original config, so transformers still builds the masks of ``impl``. Undone by ``undo``.
-    """
-    if _SLOT in attn.__dict__:
-        raise StageError("this model already has tokenreduce methods attached; pass all methods to one apply()")
-    undo.set_instance_attr(attn, _SLOT, (owner, index))
-    undo.set_instance_attr(attn, "_tokenreduce_impl", impl)
-    cfg = copy.copy(attn.config)  # shallow
-    cfg._attn_implementation_internal = IMPL
-    undo.set_instance_attr(attn, "config", cfg)
-
-
-def find_decoder(model: nn.Module) -> tuple[DecoderFamily, nn.Module]:
-    """(family, backbone) of the one supported causal-LM decoder inside ``model``."""
-    found = []
-    for module in model.modules():
-        for fam in DECODER_FAMILIES:
-            if type(module).__name__ in fam.backbone_classes:
-                found.append((fam, module))
-    if not found:
-        raise UnsupportedModelError(f"no supported causal-LM decoder found in {type(model).__name__}; kv-cache methods "
-                                    f"support {SUPPORTED_DECODERS}")
-    if len(found) > 1:
-        raise UnsupportedModelError(f"{type(model).__name__} holds {len(found)} decoders; attach to one of them")
-    return found[0]
+from ..core.undo import Undo
+from ..families.decoders import DecoderFamily, attention_modules, decoder_info, layer_types
+from ..scoring.attention import accumulated_attention, window_attention
+from .kv_decode import evict_step, reposition, rope_for_repositioning
+from .routing import check_implementation, is_probing, route
 
 
 @dataclass
@@ -157,20 +77,14 @@ class DecoderAttachment:
         self.layers = list(family.layers(backbone))
         self.attns = attention_modules(family, backbone)
         impl = check_implementation(config, "kv-cache methods")  # the masks of padded, compressed caches
-        layer_types = get_layer_types_and_kwargs(config)[0]
-        full = tuple(i for i, t in enumerate(layer_types) if t == "full_attention")
+        types = layer_types(config)
+        full = tuple(i for i, t in enumerate(types) if t == "full_attention")
         if not full:
             raise UnsupportedModelError(
-                f"every layer of this {family.name} model is a {layer_types[0]!r} layer (sliding_window="
+                f"every layer of this {family.name} model is a {types[0]!r} layer (sliding_window="
                 f"{getattr(config, 'sliding_window', None)}); kv-cache methods leave sliding-window layers alone "
                 "(they already bound their cache), so there is nothing to compress")
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        self.info = DecoderInfo(
-            family=family.name, num_layers=len(self.layers), num_heads=heads, num_kv_heads=kv_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            hidden_size=config.hidden_size, compressible=full,
-        )
+        self.info = decoder_info(family, backbone, full)
         method.check(self.info)
         self.compressible = tuple(i for i in full if method.compresses(i))
         if not self.compressible:
@@ -180,7 +94,7 @@ class DecoderAttachment:
         self._state: dict[int, _LayerState] = {}
         self._budgets: dict[int, Tensor] = {}  # per-layer budgets of the running prefill
         self.recording: dict[int, _LayerState] | None = None  # set by `prefill_once`: record, do not compress
-        self.rope = _rope_for_repositioning(family, backbone, full, self.compressible) if method.repositions else None
+        self.rope = rope_for_repositioning(family, backbone, full, self.compressible) if method.repositions else None
         self._padding: Tensor | None = None  # 2-D padding mask of the running forward (bool), None = no padding
         self._custom_mask = False  # the caller passed a ready 4-D mask
         self._has_compressed = False  # the running forward's cache already holds compressed layers
@@ -195,7 +109,7 @@ class DecoderAttachment:
     def _attach(self):
         try:
             for i, attn in enumerate(self.attns):
-                route_attention(attn, self, i, self.impl, self._undo)
+                route(attn, self, i, self._undo)
                 h1 = attn.register_forward_pre_hook(partial(self._before_attention, i), with_kwargs=True)
                 h2 = attn.register_forward_hook(partial(self._after_attention, i), with_kwargs=True)
                 self._undo += [h1.remove, h2.remove]
@@ -217,6 +131,8 @@ class DecoderAttachment:
 
     # ------------------------------------------------------------------ hooks
     def _begin(self, backbone, args, kwargs):
+        if is_probing(backbone):
+            return None
         self._unflag()
         self._state.clear()
         try:
@@ -264,12 +180,17 @@ class DecoderAttachment:
         return args, kwargs
 
     def _end(self, backbone, args, kwargs, output):
+        if is_probing(backbone):
+            return output
         for cache in list(self._caches):
-            _mark_uniform(cache)
+            mark_uniform(cache)
         self._caches = weakref.WeakSet()
         self._unflag()
 
     def _before_attention(self, index: int, module, args, kwargs):
+        if is_probing(self.backbone):
+            self._state.pop(index, None)
+            return
         self._ran = True
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         batch, q = hidden.shape[0], hidden.shape[1]
@@ -288,7 +209,15 @@ class DecoderAttachment:
                 st.positions = self._cur_positions
             st.row_valid = self._row_validity(batch, layer.get_seq_length() + q, q, hidden.device)
             return
-        if q <= 1:
+        past = layer.get_seq_length() if layer is not None and layer.is_initialized else 0
+        evicting = m.evicts_during_decode and index in self.compressible
+        if evicting and (isinstance(layer, CompressedLayer) or (past and (q <= 1 or m.accumulates))):
+            raise StageError(f"{m!r} holds the cache at its budget from the prefill on, scoring every entry by the "
+                             f"attention it received, but layer {li} already holds {past} entries that were cached "
+                             f"outside this attachment{' (and compressed)' if isinstance(layer, CompressedLayer) else ''}"
+                             "; run the whole prompt inside `with tokenreduce.apply(model, method):` (generate inside "
+                             "the block does this) on an empty cache")
+        if q <= 1 and not (evicting and past == 0):  # a 1-token prompt is the prefill of an evicting method
             return
         if cache is None:
             raise StageError(f"{m!r} compresses the KV cache, but this forward runs without one; call the model "
@@ -296,16 +225,15 @@ class DecoderAttachment:
         if isinstance(layer, CompressedLayer):
             return  # a cache is compressed once, at its prefill; later chunks (a question) are appended as they are
         _check_cache(cache, layer)
-        past = layer.get_seq_length() if layer is not None and layer.is_initialized else 0
         if self.rope is not None:
             if past:
                 raise StageError(f"{m!r} re-positions the cache at its prefill and needs the whole prompt in one "
-                                 "forward on an empty cache; this layer already holds {past} entries")
+                                 f"forward on an empty cache; this layer already holds {past} entries")
             st.positions = self._cur_positions
         st.valid = self._validity(kwargs.get("attention_mask"), batch, past + q, hidden.device)
         st.lengths = st.valid.sum(-1)
         if index == self.info.compressible[0]:  # every layer's budget, before the first layer touches the cache
-            self._budgets = {i: m.layer_budgets(st.lengths, i, self.info) for i in self.compressible}
+            self._budgets = {i: self._layer_budgets(st.lengths, i) for i in self.compressible}
             self.stats = Stats(batch_size=batch)
             m.begin_prefill()
         if index not in self.compressible:
@@ -313,8 +241,16 @@ class DecoderAttachment:
             return
         st.budgets = self._budgets.get(index)
         if st.budgets is None:  # the first compressible layer did not run in this forward (a truncated model)
-            st.budgets = m.layer_budgets(st.lengths, index, self.info)
+            st.budgets = self._layer_budgets(st.lengths, index)
         st.compress = True
+
+    def _layer_budgets(self, lengths: Tensor, index: int) -> Tensor:
+        """Entries each sample keeps at ``index``. An evicting method's ``keep_count`` is the cache's fixed size, which
+        a shorter prompt may not reach yet (the cache then fills up to it while decoding)."""
+        m = self.method
+        if m.evicts_during_decode and m.count is not None:
+            return torch.full_like(lengths, m.count.count)
+        return m.layer_budgets(lengths, index, self.info)
 
     def _row_validity(self, batch: int, length: int, q: int, device) -> Tensor:
         """Real query rows [B, q] of a forward that ends at logical ``length``."""
@@ -334,10 +270,11 @@ class DecoderAttachment:
                              "2-D attention_mask over the whole sequence (past and new tokens)")
         return torch.ones(batch, length, dtype=torch.bool, device=device)
 
-    def attend(self, index, module, query, key, value, attention_mask, **kwargs):
-        """The "tokenreduce" attention function for our layers: own masks, window rows, then the original."""
-        impl = _original(module, module.__dict__["_tokenreduce_impl"])
+    def attend(self, index, module, query, key, value, attention_mask, proceed, **kwargs):
+        """Our layers' link of the attention chain: own masks, the rows scoring needs, then the rest of the chain."""
         st = self._state.get(index)
+        if is_probing(self.backbone):
+            return proceed(query, key, value, attention_mask, **kwargs)
         mask = attention_mask
         if st is not None and self._has_compressed and isinstance(st.cache, Cache) and index in self.info.compressible:
             mask = self._own_mask(module, query, key, mask, st.cache.layers[module.layer_idx])
@@ -346,7 +283,7 @@ class DecoderAttachment:
         if st is not None and st.evict and self.method.accumulates:
             st.accumulated = accumulated_attention(query, key, mask, kwargs.get("scaling"), st.row_valid,
                                                    partial(self.method.row_weights, step=st.step))
-        return impl(module, query, key, value, mask, **kwargs)
+        return proceed(query, key, value, mask, **kwargs)
 
     def _own_mask(self, module, query, key, mask, layer):
         """This layer's own mask when the cache's layout differs from what transformers' one mask assumes."""
@@ -376,6 +313,8 @@ class DecoderAttachment:
         return own
 
     def _after_attention(self, index: int, module, args, kwargs, output):
+        if is_probing(self.backbone):
+            return output
         st = self._state.pop(index, None)
         if st is not None and st.evict:
             self._evict(index, st, module.layer_idx)
@@ -392,7 +331,7 @@ class DecoderAttachment:
         if self.rope is not None:
             kept = new.kept
             reposition(new, st.positions.gather(1, kept.clamp_min(0).flatten(1)).view_as(kept), self.rope,
-                       self._orig_positions[:, -1] + 1)
+                       self._orig_positions[:, -1] + 1, self.method)
         new.masked_by = self  # this forward goes on with our masks
         self._flagged.add(new)
         cache.layers[li] = new
@@ -403,28 +342,10 @@ class DecoderAttachment:
     def _evict(self, index: int, st: _LayerState, li: int) -> None:
         """After a decoding forward: add its attention to the slots' scores and evict back to the budget."""
         cache = st.cache
-        layer = cache.layers[li]
-        p, b = layer.physical_length, layer.keys.shape[0]
-        old = layer.state
-        state = torch.cat([old, old.new_zeros(*old.shape[:2], p - old.shape[-1])], dim=-1)
-        if st.accumulated is not None:
-            state = state + st.accumulated
-        valid = layer.cache_validity(self._padding)
-        layer.steps = st.step
-        budget = torch.minimum(layer.budget.to(valid.device), valid.sum(-1))
-        if bool((valid.sum(-1) <= budget).all()) and self.rope is None:
-            layer.state = state
+        new = evict_step(self.method, self.info, index, cache.layers[li], st.accumulated, self._padding, st.step,
+                         self.rope, st.positions, None if self.rope is None else self._orig_positions[:, -1] + 1)
+        if new is None:
             return
-        position = layer.slot_positions()
-        age = torch.where(position >= 0, layer.cumulative_length - 1 - position, torch.iinfo(torch.long).max)
-        ctx = EvictionContext(layer=index, state=state, age=age, valid=valid, budgets=budget, step=st.step,
-                              info=self.info)
-        scores = self.method.evict_score(ctx)
-        kept = select_kept(scores.expand(b, layer.keys.shape[1], p), valid, budget)
-        new = layer.recompress(kept, state)
-        if self.rope is not None:
-            rotary = layer.slot_rotary(st.positions).gather(-1, kept.clamp_min(0))
-            reposition(new, rotary, self.rope, self._orig_positions[:, -1] + 1)
         new.masked_by = self
         self._flagged.add(new)
         cache.layers[li] = new
@@ -460,7 +381,10 @@ def compress_layer(method: KVMethod, info: DecoderInfo, index: int, layer: Dynam
     if keep_all:  # everything real, in order (only columns that are padding in every sample go)
         scores = torch.arange(n, device=keys.device, dtype=torch.float32)[None, None]
     else:
+        # a window longer than this forward's queries (a prompt continued from a cache filled earlier, in a chunk
+        # shorter than the window) uses the queries the forward has
         window_rows = torch.tensor([method.query_rows(int(x)) for x in st.lengths.tolist()], dtype=torch.long)
+        window_rows = window_rows.clamp(max=st.query.shape[-2])
         rows = int(window_rows.max())
         window = window_attention(st.query, keys, st.mask, st.scaling, rows) if rows > 0 else None
         if method.accumulates:
@@ -475,7 +399,7 @@ def compress_layer(method: KVMethod, info: DecoderInfo, index: int, layer: Dynam
         ctx = KVContext(layer=index, keys=keys, values=values, valid=valid, rank=rank, lengths=st.lengths,
                         budgets=st.budgets, window=window, window_rows=window_rows, info=info, accumulated=accumulated)
         scores = method.score(ctx)
-    kept = select_kept(scores.expand(b, h, n), valid, st.budgets)
+    kept = select_kept(scores.expand(b, h, n), valid, torch.minimum(st.budgets, st.lengths))
     new = CompressedLayer.compress(layer, kept)
     if method.evicts_during_decode and not keep_all:  # carry the accumulated scores into decoding
         idx = kept.repeat_interleave(info.num_groups, dim=1)
@@ -490,131 +414,12 @@ def record_compression(s: Stats, method: KVMethod, info: DecoderInfo, li: int, b
     """Add one compressed layer to ``s`` (what it kept, its bytes, the scoring FLOPs)."""
     s.kv_layers.append(li)
     s.kv_entries_per_layer.append(float(st.lengths.float().mean()))
-    s.kv_kept_per_layer.append(float(st.budgets.float().mean()))
+    s.kv_kept_per_layer.append(float(torch.minimum(st.budgets, st.lengths).float().mean()))
     s.kv_slots_per_layer.append(after.physical_length)
     s.kv_bytes_before_per_layer.append(kv_bytes(before))
     s.kv_bytes_after_per_layer.append(kv_bytes(after))
     if st.compress:
         s.scoring_flops += method.scoring_flops(int(st.lengths.float().mean()), rows, info)
-
-
-@dataclass(frozen=True)
-class Rope:
-    """A model's rotary embedding, enough to move a cached (rotated) key to another position."""
-
-    inv_freq: Tensor  # [rot_dim / 2]
-
-
-def _rope_for_repositioning(family: DecoderFamily, backbone: nn.Module, full: tuple[int, ...],
-                            compressible: tuple[int, ...]) -> Rope:
-    """The rotary embedding a repositioning method needs, or a clear refusal."""
-    if len(full) != len(family.layers(backbone)) or compressible != full:
-        raise StageError("in-cache re-positioning shifts the positions of every layer, so it needs every layer to be a "
-                         "full-attention layer it compresses; this model has sliding-window or skipped layers")
-    rot = getattr(backbone, "rotary_emb", None)
-    kind = getattr(rot, "rope_type", None)
-    if rot is None or not isinstance(getattr(rot, "inv_freq", None), Tensor) or kind not in ("default", "linear", "llama3", "yarn"):
-        raise UnsupportedModelError(f"in-cache re-positioning needs a static rotary embedding (default, linear, llama3 "
-                                    f"or yarn RoPE); this {family.name} model has {kind!r}")
-    return Rope(rot.inv_freq.detach().clone())
-
-
-def rotate_keys(keys: Tensor, delta: Tensor, rope: Rope) -> Tensor:
-    """Keys ``[B, H, P, D]`` (rotated, transformers' rotate-half layout) moved by ``delta`` [B, H, P] positions."""
-    inv = rope.inv_freq.to(device=keys.device, dtype=torch.float64)
-    r = 2 * inv.numel()
-    angle = delta.to(torch.float64)[..., None] * inv  # [B, H, P, r/2]
-    cos, sin = angle.cos(), angle.sin()
-    k = keys[..., :r].to(torch.float64)
-    a, b = k[..., : r // 2], k[..., r // 2:]
-    moved = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(keys.dtype)
-    return torch.cat([moved, keys[..., r:]], dim=-1)
-
-
-def reposition(layer: CompressedLayer, rotary: Tensor, rope: Rope, next_position: Tensor) -> None:
-    """Give the real slots of ``layer`` positions 0..m-1 in slot order (StreamingLLM's in-cache positions).
-
-    ``rotary`` [B, H, P]: the position each slot's key carries now; ``next_position`` [B]: the
-    position transformers would give the next token. Keys that move are re-rotated; the layer
-    remembers its slots' positions and how far the next tokens' positions must be lowered.
-    """
-    real = layer.kept >= 0
-    target = real.long().cumsum(-1) - 1
-    delta = torch.where(real, target - rotary, 0)
-    if bool((delta != 0).any()):
-        layer.keys = rotate_keys(layer.keys, delta, rope)
-    layer.rotary = torch.where(real, target, 0)
-    count = real[:, 0].sum(-1)  # real entries per sample (every head holds as many)
-    layer.position_shift = next_position.to(count.device) - count
-
-
-class _Recorder(KVMethod):
-    """The method `prefill_once` attaches: every full-attention layer recorded, nothing compressed."""
-
-    name, paper = "record", "-"
-
-    def score(self, ctx: KVContext) -> Tensor:
-        raise AssertionError("a recording prefill compresses nothing")
-
-
-def prefill_once(model: nn.Module, input_ids: Tensor, methods: list[KVMethod], attention_mask: Tensor | None = None,
-                 **kwargs) -> tuple[object, list[tuple[DynamicCache, Stats, float]]]:
-    """Prefill ``input_ids`` once; return the forward's output and, per method, the compressed cache, its
-    stats and the seconds its compression took (scoring included; the shared forward excluded).
-
-    Each cache is what the method's own prefill inside ``tokenreduce.apply`` leaves (the same
-    entries, bit for bit): compression acts on each layer's cache after its attention, so the
-    hidden states of a prefill do not depend on the method and one forward serves them all.
-    The caches share no tensors that decoding writes to; continue each one inside
-    ``apply(model, its method)`` (decode-time eviction needs the attachment). A benchmark
-    tool: the queries of every layer are held until the end (``B H N D`` floats per layer).
-    """
-    for m in methods:
-        if not isinstance(m, KVMethod):
-            raise StageError(f"prefill_once takes kv-cache methods; got {m!r}")
-        if m.repositions or getattr(m, "retrieval", False):
-            raise StageError(f"{m!r} re-positions or retrieves from the cache while decoding; prefill it inside "
-                             "tokenreduce.apply")
-    family, backbone = find_decoder(model)
-    att = DecoderAttachment(model, family, backbone, _Recorder(keep_count=1))
-    att.recording = {}
-    full = DynamicCache(config=backbone.config)
-    try:
-        out = model(input_ids, attention_mask=attention_mask, past_key_values=full, **kwargs)
-    finally:
-        att.remove()
-    info, recorded = att.info, att.recording
-    if not recorded:
-        raise NeverFiredError("the recording prefill ran no full-attention layer of the decoder")
-    results = []
-    first = recorded[min(recorded)]
-    memos: dict[int, dict] = {li: {} for li in recorded}  # accumulated attention shared by methods that agree on it
-    for m in methods:
-        m.check(info)
-        mine = tuple(i for i in info.compressible if m.compresses(i))
-        budgets = {i: m.layer_budgets(first.lengths, i, info) for i in mine}
-        t0 = time.perf_counter()
-        m.begin_prefill()
-        cache = DynamicCache(config=backbone.config)
-        stats = Stats(batch_size=input_ids.shape[0])
-        layers = []
-        for li, layer in enumerate(full.layers):
-            st = recorded.get(li)
-            if st is None:  # a sliding-window layer: shared tensors are replaced, never written, by decoding
-                layers.append(copy.copy(layer))
-                continue
-            keep_all = li not in mine
-            plan = dataclasses.replace(st, budgets=st.lengths if keep_all else budgets[li], compress=not keep_all,
-                                       keep_all=keep_all)
-            new, rows = compress_layer(m, info, li, layer, plan, keep_all=keep_all, memo=memos[li])
-            record_compression(stats, m, info, li, layer, new, plan, rows)
-            layers.append(new)
-        cache.layers = layers
-        _mark_uniform(cache)
-        if input_ids.device.type == "cuda":
-            torch.cuda.synchronize(input_ids.device)
-        results.append((cache, stats, time.perf_counter() - t0))
-    return out, results
 
 
 def _check_cache(cache: Cache, layer) -> None:
@@ -628,70 +433,10 @@ def _check_cache(cache: Cache, layer) -> None:
                          f"{type(layer).__name__} at this layer")
 
 
-def _mark_uniform(cache: Cache) -> None:
+def mark_uniform(cache: Cache) -> None:
     """Flag the compressed layers of ``cache`` whose physical length differs from another full layer's."""
     lengths = {l.keys.shape[-2] for l in cache.layers
                if isinstance(l, DynamicLayer) and not getattr(l, "is_sliding", False) and l.is_initialized}
     for l in cache.layers:
         if isinstance(l, CompressedLayer):
             l.uniform = len(lengths) <= 1
-
-
-def accumulated_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, row_valid: Tensor,
-                          weights, chunk: int = 256) -> Tensor:
-    """``weights(logits)`` of every real query row, summed over rows: ``[B, H, K]`` (float32 or float64).
-
-    Computed from Q and K in chunks of ``chunk`` rows, so memory stays ``B H chunk K`` and the
-    model's own attention (SDPA) is untouched. ``row_valid`` [B, q]: padding rows add nothing.
-    """
-    q, k = query.shape[-2], key.shape[-2]
-    total = None
-    padded = not bool(row_valid.all())
-    for lo in range(0, q, chunk):
-        hi = min(q, lo + chunk)
-        seen = k - q + hi  # causal: rows lo..hi-1 see no key beyond this one
-        w = weights(_row_logits(query, key[..., :seen, :], None if mask is None else mask[..., :seen], scaling,
-                                lo, hi, k_total=k))
-        if padded:
-            w = torch.nan_to_num(w, nan=0.0).masked_fill(~row_valid[:, None, lo:hi, None].to(w.device), 0.0)
-        part = w.sum(2)
-        if total is None:
-            total = part.new_zeros(*part.shape[:-1], k)
-        total[..., :seen] += part
-    return total
-
-
-def _row_logits(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, lo: int, hi: int,
-                k_total: int | None = None) -> Tensor:
-    """Scaled, masked logits ``[B, H, hi - lo, K]`` of query rows ``lo:hi`` (``-inf`` where not attended).
-
-    ``key`` (and ``mask``'s columns) may be the first ``K`` of the layer's ``k_total`` keys, the queries being
-    its last ones: a causal chunk of rows needs no later key.
-    """
-    b, h, q, d = query.shape
-    hk, k = key.shape[1], key.shape[-2]
-    k_total = k if k_total is None else k_total
-    g, r = h // hk, hi - lo
-    scale = scaling if scaling is not None else d ** -0.5
-    dt = torch.promote_types(query.dtype, torch.float32)
-    qw = query[:, :, lo:hi].to(dt).reshape(b, hk, g * r, d)
-    logits = (qw @ key.to(dt).transpose(-1, -2)).reshape(b, h, r, k) * scale
-    if mask is None:
-        cols = torch.arange(k, device=key.device)
-        allowed = cols[None, :] <= (k_total - q + torch.arange(lo, hi, device=key.device))[:, None]
-        return logits.masked_fill(~allowed, float("-inf"))
-    m = mask[..., mask.shape[-2] - q + lo:mask.shape[-2] - q + hi, :]
-    if m.dtype == torch.bool:
-        return logits.masked_fill(~m, float("-inf"))
-    return (logits + m.to(dt)).masked_fill(m <= torch.finfo(m.dtype).min, float("-inf"))
-
-
-def window_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, rows: int) -> Tensor:
-    """Softmax rows ``[B, H, rows, K]`` (float32, float64 for a float64 model) of the last ``rows`` queries.
-
-    ``query`` [B, H, q, D] post-RoPE, ``key`` [B, H_kv, K, D] after the cache update (GQA:
-    query head ``h`` reads KV head ``h // (H / H_kv)``, as transformers' ``repeat_kv``).
-    ``mask``: the layer's attention mask (bool: True attends; float: additive) or None for
-    a plain causal prefill.
-    """
-    return _row_logits(query, key, mask, scaling, query.shape[-2] - rows, query.shape[-2]).softmax(-1)
