@@ -314,7 +314,6 @@ def test_left_padded_batch_with_an_all_zero_mask_row():
             model(ids, attention_mask=mask, past_key_values=DynamicCache())
 
 
-@pytest.mark.xfail(strict=True, reason="PrefillFilterMethod.budgets does not call core.budget.check_nonempty yet")
 def test_prefill_filter_budget_with_an_empty_sample_says_remove_it():
     with pytest.raises(tr.BudgetError, match="gemfilter: sample 1 has no real tokens"):
         tr.get_method("gemfilter", keep_count=2).budgets(torch.tensor([12, 0]))

@@ -16,7 +16,6 @@ Native budgets are explicit types so they cannot be confused with each other.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -140,11 +139,3 @@ def solve_float(ratio_of: Callable[[float], float], target: float, lo: float = 0
         else:
             hi = mid
     return hi if abs(ratio_of(hi) - target) <= abs(ratio_of(lo) - target) else lo
-
-
-def check_fraction(name: str, value: float, low_open: bool = True) -> float:
-    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
-    if not isinstance(value, (int, float)) or not ok or math.isnan(value):
-        rng = "(0, 1]" if low_open else "[0, 1]"
-        raise BudgetError(f"{name} must be in {rng}; got {value!r}")
-    return float(value)

@@ -10,7 +10,6 @@ attention the block then uses.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -208,7 +207,49 @@ class EvictionContext:
     info: DecoderInfo
 
 
-class KVMethod(Method):
+class CountedMethod(Method):
+    """A method whose budget counts items per sample: ``keep_ratio`` of each sample's real items
+    (``floor``, at least 1) or ``keep_count`` items. Subclasses name the items for messages."""
+
+    whole: ClassVar[str] = "context"  # what the items make up
+    items: ClassVar[str] = "cached entries"
+    example_ratio: ClassVar[float] = 0.25
+
+    def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
+        from .budget import check_keep_count, check_keep_ratio
+
+        keep_ratio = check_keep_ratio(self.name, keep_ratio)  # types and ranges first, then the combination
+        keep_count = check_keep_count(self.name, keep_count)
+        if (keep_ratio is None) == (keep_count is None):
+            raise BudgetError(f"{self.name} needs exactly one budget: keep_ratio (fraction of the {self.whole}'s "
+                              f"{self.items} kept, e.g. get_method('{self.name}', keep_ratio={self.example_ratio})) or "
+                              f"keep_count ({self.items} kept per sample)")
+        super().__init__(keep_ratio)
+        self.count = KeepCount(keep_count) if keep_count is not None else None
+
+    def describe(self) -> str:
+        return f"keep_ratio={self.budget.ratio}" if self.budget else f"keep_count={self.count.count}"
+
+    def budgets(self, lengths: Tensor) -> Tensor:
+        """Items kept per sample [B] for samples of ``lengths`` [B] real items."""
+        from .budget import check_nonempty
+
+        check_nonempty(lengths, self.name)
+        n = lengths.to(torch.long)
+        if self.count is not None:
+            if bool((n < self.count.count).any()):
+                raise BudgetError(f"{self.name}: keep_count={self.count.count} is larger than the {self.whole} "
+                                  f"({int(n.min())} {self.items} in the shortest sample); use a smaller keep_count or "
+                                  "keep_ratio")
+            return torch.full_like(n, self.count.count)
+        m = torch.floor(n.to(torch.float64) * self.budget.ratio + 1e-9).to(torch.long)
+        if bool((m < 1).any()):
+            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} keeps less than 1 of the {int(n.min())} "
+                              f"{self.items} of the shortest sample; raise keep_ratio or use keep_count=1 or more")
+        return m
+
+
+class KVMethod(CountedMethod):
     """A method that evicts KV-cache entries once, after the context is encoded (prefill).
 
     Budget (one meaning for every kv method): ``keep_ratio`` = fraction of the context's
@@ -223,22 +264,6 @@ class KVMethod(Method):
     evicts_during_decode: ClassVar[bool] = False  # keeps the cache at its budget while generating (`evict_score`)
     repositions: ClassVar[bool] = False  # kept entries take positions 0..M-1 in the cache (StreamingLLM's rolling cache)
 
-    def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
-        from .budget import check_keep_count, check_keep_ratio
-        from .errors import BudgetError
-
-        keep_ratio = check_keep_ratio(self.name, keep_ratio)  # types and ranges first, then the combination
-        keep_count = check_keep_count(self.name, keep_count)
-        if (keep_ratio is None) == (keep_count is None):
-            raise BudgetError(f"{self.name} needs exactly one budget: keep_ratio (fraction of the context's cache "
-                              f"entries kept, e.g. get_method('{self.name}', keep_ratio=0.25)) or keep_count (entries "
-                              "kept per sample and layer)")
-        super().__init__(keep_ratio)
-        self.count = KeepCount(keep_count) if keep_count is not None else None
-
-    def describe(self) -> str:
-        return f"keep_ratio={self.budget.ratio}" if self.budget else f"keep_count={self.count.count}"
-
     def check(self, info: DecoderInfo) -> None:
         """Raise `StageError` if this method cannot serve the model described by ``info``."""
 
@@ -249,26 +274,6 @@ class KVMethod(Method):
     def query_rows(self, length: int) -> int:
         """Attention rows of the last queries this method needs for a context of ``length`` entries (0 = none)."""
         return 0
-
-    def budgets(self, lengths: Tensor) -> Tensor:
-        """Entries kept per sample [B] for contexts of ``lengths`` [B] real entries."""
-        from .budget import check_nonempty
-        from .errors import BudgetError
-
-        check_nonempty(lengths, self.name)
-        n = lengths.to(torch.long)
-        if self.count is not None:
-            if bool((n < self.count.count).any()):
-                short = int(n.min())
-                raise BudgetError(f"{self.name}: keep_count={self.count.count} is larger than the context ({short} "
-                                  "cached entries in the shortest sample); use a smaller keep_count or keep_ratio")
-            return torch.full_like(n, self.count.count)
-        m = torch.floor(n.to(torch.float64) * self.budget.ratio + 1e-9).to(torch.long)
-        if bool((m < 1).any()):
-            short = int(n.min())
-            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} keeps less than 1 of the {short} cached "
-                              "entries of the shortest sample; raise keep_ratio or use keep_count=1 or more")
-        return m
 
     def score(self, ctx: KVContext) -> Tensor:
         """Scores ``[B, H_kv or 1, N]``: higher is kept; ``+inf`` forces an entry in."""
@@ -306,7 +311,7 @@ class KVMethod(Method):
 
 
 # ---------------------------------------------------------------------------- decoder stage (prompt filtering)
-class PrefillFilterMethod(Method):
+class PrefillFilterMethod(CountedMethod):
     """A decoder-stage method that filters the prompt once, in an early layer, before prefill.
 
     Budget (one meaning): ``keep_ratio`` = fraction of each sample's real prompt tokens kept
@@ -316,37 +321,11 @@ class PrefillFilterMethod(Method):
     """
 
     stage = "decoder"
-
-    def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None):
-        from .errors import BudgetError
-
-        if (keep_ratio is None) == (keep_count is None):
-            raise BudgetError(f"{self.name} needs exactly one budget: keep_ratio (fraction of the prompt's tokens kept, "
-                              f"e.g. get_method('{self.name}', keep_ratio=0.125)) or keep_count (prompt tokens kept per "
-                              "sample)")
-        super().__init__(keep_ratio)
-        self.count = KeepCount(keep_count) if keep_count is not None else None
-
-    def describe(self) -> str:
-        return f"keep_ratio={self.budget.ratio}" if self.budget else f"keep_count={self.count.count}"
+    whole, items, example_ratio = "prompt", "tokens", 0.125
 
     def filter_layer(self, info: DecoderInfo, config) -> int:
         """The decoder layer (0-based) whose attention scores the prompt."""
         raise NotImplementedError
-
-    def budgets(self, lengths: Tensor) -> Tensor:
-        """Tokens kept per sample [B] for prompts of ``lengths`` [B] real tokens."""
-        n = lengths.to(torch.long)
-        if self.count is not None:
-            if bool((n < self.count.count).any()):
-                raise BudgetError(f"{self.name}: keep_count={self.count.count} is larger than the prompt ({int(n.min())} "
-                                  "tokens in the shortest sample); use a smaller keep_count or keep_ratio")
-            return torch.full_like(n, self.count.count)
-        m = torch.floor(n.to(torch.float64) * self.budget.ratio + 1e-9).to(torch.long)
-        if bool((m < 1).any()):
-            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} keeps less than 1 of the {int(n.min())} "
-                              "prompt tokens of the shortest sample; raise keep_ratio or use keep_count=1 or more")
-        return m
 
     def score(self, query: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
         """Scores [B, N] (higher kept) from the last query ``query`` [B, H, D] and ``keys`` [B, H_kv, N, D]

@@ -11,9 +11,10 @@ from .errors import StageError, UnknownParameterError
 
 _REGISTRY: dict[str, type] = {}
 
-# The stages `list_methods` accepts: those of the methods here and the planned ones (README "Not yet here"); the
-# first four are also `runtime.attach.STAGES`, the order tokens flow through a model.
-LISTED_STAGES: tuple[str, ...] = ("encoder", "connector", "decoder", "kv-cache", "text")
+# The stages, in the order tokens flow through a model (the order `apply` composes them in); "text" (the prompt
+# before tokenisation) is planned. `list_methods` accepts these and the stages of registered methods.
+STAGES: tuple[str, ...] = ("encoder", "connector", "decoder", "kv-cache")
+LISTED_STAGES: tuple[str, ...] = STAGES + ("text",)
 
 REQUIRED = inspect.Parameter.empty  # the "default" of a parameter that has none
 

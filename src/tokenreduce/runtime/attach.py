@@ -20,9 +20,9 @@ from torch import nn
 
 from ..core.errors import StageError, UnsupportedModelError
 from ..core.method import EncoderMethod, KVMethod, Method, PrefillFilterMethod, RetrievalMethod
+from ..core.registry import STAGES
 from ..core.stats import Stats, combine
 
-STAGES = ("encoder", "connector", "decoder", "kv-cache")  # the order tokens flow through a model
 
 
 class Handle:

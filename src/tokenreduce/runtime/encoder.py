@@ -114,7 +114,7 @@ class EncoderAttachment:
         first = {id(m): next((i for i in range(self.info.num_layers) if m.wants_signals(i)
                               or m.reduces_before_attention(i)), None) for m in self.methods}
         for pos, m in enumerate(self.methods):
-            if not getattr(m, "needs_grid", False) or m.reduces_nothing or first[id(m)] is None:
+            if not m.needs_grid or m.reduces_nothing or first[id(m)] is None:
                 continue
             at = first[id(m)]
             for other_pos, o in enumerate(self.methods):
