@@ -11,6 +11,7 @@ attention the block then uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import ClassVar
 
 import torch
@@ -39,6 +40,30 @@ class EncoderInfo:
         return self.num_prefix > 0
 
 
+class Signal(str, Enum):
+    """An attention signal a method requests in its ``signals``; the runtime computes only what is requested,
+    from Q and K (`scoring.attention`), and never switches the model to eager attention."""
+
+    KEYS = "keys"  # encoder: a block's keys [B, H, N, D]; kv-cache: the cached keys
+    QUERIES = "queries"  # encoder: a block's queries [B, H, N, D]
+    SCALE = "scale"  # encoder: the attention scale
+    CLS_ATTN = "cls_attn"  # encoder: the [CLS] softmax row [B, H, N]
+    ATTN = "attn"  # encoder: the whole softmax map [B, H, N, N]
+    WINDOW_ATTN = "window_attn"  # kv-cache: softmax rows of the last ``query_rows(n)`` queries (``KVContext.window``)
+    LAST_QUERY_ATTN = "last_query_attn"  # kv-cache: the same, one row
+    ACCUMULATED_ATTN = "accumulated_attn"  # kv-cache: every query row's ``row_weights`` summed (``KVContext.accumulated``)
+    LAST_QUERY_LOGITS = "last_query_logits"  # decoder: the last query's raw logits at the filter layer
+    CODES = "codes"  # kv-cache retrieval: approximate scores from quantised keys
+
+
+def check_signals(cls) -> None:
+    """Refuse a method class whose ``signals`` name no known `Signal` (a typo would silently compute nothing)."""
+    known = {s.value for s in Signal}
+    unknown = [s for s in getattr(cls, "signals", ()) if s not in known]
+    if unknown:
+        raise TypeError(f"{cls.__name__}.signals has unknown entries {unknown}; known: {sorted(known)}")
+
+
 class Method:
     """Base of every method. Subclasses set the class metadata and implement their stage's hooks."""
 
@@ -48,7 +73,7 @@ class Method:
     arxiv: ClassVar[str | None] = None
     training_free: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
-    signals: ClassVar[tuple[str, ...]] = ()  # attention signals: "keys", "cls_attn", "attn"
+    signals: ClassVar[tuple[str, ...]] = ()  # the `Signal` values this method reads
 
     def __init__(self, keep_ratio: float | None = None):
         from .budget import check_keep_ratio
@@ -260,9 +285,13 @@ class KVMethod(CountedMethod):
     """
 
     stage: ClassVar[str] = "kv-cache"
-    accumulates: ClassVar[bool] = False  # needs every prefill query row (``ctx.accumulated``), not only the last ones
     evicts_during_decode: ClassVar[bool] = False  # keeps the cache at its budget while generating (`evict_score`)
     repositions: ClassVar[bool] = False  # kept entries take positions 0..M-1 in the cache (StreamingLLM's rolling cache)
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether the method reads every prefill query row's attention (`Signal.ACCUMULATED_ATTN`)."""
+        return Signal.ACCUMULATED_ATTN in self.signals
 
     def check(self, info: DecoderInfo) -> None:
         """Raise `StageError` if this method cannot serve the model described by ``info``."""

@@ -56,6 +56,9 @@ def register(cls):
     """
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method name {cls.name!r} registered twice")
+    from .method import check_signals
+
+    check_signals(cls)
     module_doc = getattr(sys.modules.get(cls.__module__), "__doc__", None)
     if module_doc and not cls.__dict__.get("__doc__"):
         cls.__doc__ = module_doc

@@ -149,6 +149,7 @@ class A2ATS(RetrievalMethod):
              "Vector Quantization (He et al., ACL Findings 2025)")
     arxiv = "2502.12665"
     needs_calibration = True
+    signals = ("codes",)
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, codebook_size: int = 4096,
                  window: int = 64, sink: int = 8, relative_position: int = 2048):

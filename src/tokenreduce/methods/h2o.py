@@ -49,7 +49,6 @@ class H2O(KVMethod):
     paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models (Zhang et al., 2023)"
     arxiv = "2306.14048"
     signals = ("accumulated_attn",)
-    accumulates = True
     evicts_during_decode = True
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, recent_fraction: float = 0.5):

@@ -43,7 +43,7 @@ class Keyformer(H2O):
     name = "keyformer"
     paper = "Keyformer: KV Cache Reduction through Key Tokens Selection for Efficient Generative Inference (Adnan et al., 2024)"
     arxiv = "2403.09054"
-    signals = ("accumulated_gumbel_attn",)
+    signals = ("accumulated_attn",)  # its row_weights are Gumbel-softmax weights
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, recent_fraction: float = 0.3,
                  tau_init: float = 1.0, tau_end: float = 2.0, max_new_tokens: int = 128, seed: int = 0):

@@ -68,7 +68,7 @@ class KVCrush(KVMethod):
     name = "kvcrush"
     paper = "KVCrush: Key Value Cache size-reduction using similarity in head-behaviour (Jha et al., 2025)"
     arxiv = "2503.00022"
-    signals = ("base",)
+    signals = ()  # the base method's, set per instance
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, base: str = "snapkv",
                  crush_fraction: float = 0.25, anchor: str = "alternate", seed: int = 0,
@@ -97,7 +97,7 @@ class KVCrush(KVMethod):
         if self.base.evicts_during_decode:
             raise StageError(f"kvcrush adds representatives at prefill; {base} evicts again while decoding and would "
                              "drop them: use a prefill-time base (snapkv, pyramidkv, tova, knorm, streaming_llm)")
-        self.accumulates = self.base.accumulates
+        self.signals = self.base.signals
 
     def describe(self) -> str:
         return f"base={self.base!r}, crush_fraction={self.crush_fraction}, anchor={self.anchor}, seed={self.seed}"

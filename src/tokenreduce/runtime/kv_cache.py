@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.kv import CompressedLayer, kv_bytes, layer_mask, select_kept
-from ..core.method import DecoderInfo, KVContext, KVMethod
+from ..core.method import DecoderInfo, KVContext, KVMethod, Signal
 from ..core.stats import Stats
 from ..core.undo import Undo
 from ..families.decoders import DecoderFamily, attention_modules, decoder_info, layer_types
@@ -383,7 +383,9 @@ def compress_layer(method: KVMethod, info: DecoderInfo, index: int, layer: Dynam
     else:
         # a window longer than this forward's queries (a prompt continued from a cache filled earlier, in a chunk
         # shorter than the window) uses the queries the forward has
-        window_rows = torch.tensor([method.query_rows(int(x)) for x in st.lengths.tolist()], dtype=torch.long)
+        wants_rows = bool({Signal.WINDOW_ATTN, Signal.LAST_QUERY_ATTN} & set(method.signals))
+        window_rows = torch.tensor([method.query_rows(int(x)) if wants_rows else 0 for x in st.lengths.tolist()],
+                                   dtype=torch.long)
         window_rows = window_rows.clamp(max=st.query.shape[-2])
         rows = int(window_rows.max())
         window = window_attention(st.query, keys, st.mask, st.scaling, rows) if rows > 0 else None
