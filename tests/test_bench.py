@@ -262,7 +262,7 @@ def test_vit_runner_caches_train_features_and_calibrates(tmp_path, monkeypatch):
         return method
 
     monkeypatch.setattr(tokenreduce, "get_method", get_method)
-    monkeypatch.setattr(tokenreduce, "calibrate", calibrate, raising=False)
+    monkeypatch.setattr(tokenreduce, "calibrate", calibrate)
     cfg = ViTBenchConfig(methods=["tome"], budgets=[0.75], batch_size=16, image_size=56, timing=False, out=None,
                          cache_dir=tmp_path, model_id="tiny", calib_images=36)
     model, data = _tiny_model(), _tiny_data(cache_key="tiny-data")

@@ -71,10 +71,7 @@ def forkable(method) -> bool:
 def shared_prefills(model: nn.Module, prefix_ids: torch.Tensor, methods: list) -> list[tuple]:
     """``(cache, stats, seconds)`` per method from one prefill: seconds = the shared forward + the method's own
     compression."""
-    try:
-        from ..runtime import prefill_once
-    except ImportError:
-        from ..adapters.decoder import prefill_once
+    from ..runtime import prefill_once
 
     device = prefix_ids.device
     with torch.inference_mode():

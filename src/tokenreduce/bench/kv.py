@@ -50,6 +50,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..core.errors import BudgetError
 from . import runner
 from .decoding import Decoded, cache_bytes, compressed_prefill, forkable, greedy_decode, shared_prefills  # noqa: F401
 from .report import Column, markdown_table, sort_rows

@@ -219,10 +219,8 @@ class _ViTTask(Task):
             if type(method).info().needs_calibration:
                 calib = [data.train_pixels[i:min(i + cfg.calib_batch, cfg.calib_images)].to(cfg.device)
                          for i in range(0, min(cfg.calib_images, len(data.train_pixels)), cfg.calib_batch)]
-                # the public `tokenreduce.calibrate`; before it existed, methods calibrated themselves
-                calibrate = getattr(tokenreduce, "calibrate", None) or (lambda m, model, data: m.calibrate(model, data))
                 t0 = time.perf_counter()
-                calibrate(method, self.model, calib)
+                tokenreduce.calibrate(method, self.model, calib)
                 row["calib_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             with tokenreduce.apply(self.model, method) as h:

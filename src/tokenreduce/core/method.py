@@ -1,4 +1,4 @@
-"""The method contract. A method plans `Reduction`s; adapters and the core apply them.
+"""The method contracts of every stage. A method plans `Reduction`s (or scores entries); the runtime applies them.
 
 An encoder method is called once per block between attention and MLP (the place ToMe
 reduces) with the block's hidden states, the running `TokenState` and the attention
