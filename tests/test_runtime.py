@@ -293,3 +293,15 @@ def test_routing_listeners_are_removed_in_any_order():
     kv.remove()
     ha.remove()
     assert attn.__dict__.keys() == before.keys() and attn.config is before["config"]
+
+
+def test_a_second_handle_on_the_same_decoder_is_refused_with_the_fix():
+    """Observed: the nested-apply advice ("pass all methods to one apply()") then crashed; now that call composes."""
+    model = tiny_lm("llama", layers=2)
+    before = dict(model.model.__dict__)
+    with tr.apply(model, tr.get_method("snapkv", keep_ratio=0.5)):
+        with pytest.raises(tr.StageError, match="pass all methods to one apply"):
+            tr.patch(model, tr.get_method("gemfilter", keep_count=4, layer=1))
+    with tr.apply(model, tr.get_method("gemfilter", keep_count=4, layer=1), tr.get_method("snapkv", keep_ratio=0.5)):
+        model(prompt(12), past_key_values=DynamicCache())
+    assert model.model.__dict__.keys() == before.keys()

@@ -25,6 +25,9 @@ from ..core.stats import Stats, combine
 
 
 
+_OWNER = "_tokenreduce_handle"  # on a decoder backbone: the handle whose decoder-side stages hook it
+
+
 class Handle:
     """The attached methods of one model. ``stats`` / ``stats_by_stage`` describe the last forward."""
 
@@ -39,6 +42,7 @@ class Handle:
         self._hooks = []
         self._removed = False
         self._entered = False
+        self._claimed: nn.Module | None = None
         try:
             self._attach(model, by_stage, track_source)
             self._hooks.append(model.register_forward_hook(self._after_forward, with_kwargs=True))
@@ -72,6 +76,9 @@ class Handle:
                     "with the VLM stages); to use the reduced features directly, attach to the tower itself "
                     "(e.g. model.model.vision_tower)")
             self._stages["encoder"] = EncoderAttachment(model, family, blocks, config, by_stage["encoder"], track_source)
+        if by_stage.get("decoder") or by_stage.get("kv-cache"):
+            _, backbone = find_decoder(model)
+            self._claim(backbone)
         if by_stage.get("decoder"):  # before the kv stage: its backbone hook rewrites the prompt the kv stage sees
             from .prefill_filter import PrefillFilterAttachment
 
@@ -95,6 +102,16 @@ class Handle:
                     raise StageError(f"{method!r} re-positions the cache from position 0, which the filtered prompt "
                                      "does not start at; use streaming_llm(rolling=False) after a prefill filter")
                 self._stages["kv-cache"] = DecoderAttachment(model, family, backbone, method)
+
+    def _claim(self, backbone: nn.Module) -> None:
+        """One handle per decoder: two handles' decoder-side stages would hook the same backbone in the wrong order."""
+        owner = backbone.__dict__.get(_OWNER)
+        if owner is not None and owner is not self:
+            raise StageError(f"this {type(backbone).__name__} already has decoder-side methods attached by another "
+                             f"apply()/patch() ({', '.join(map(repr, owner.methods))}); pass all methods to one apply() "
+                             "(they compose: a prefill filter, then a kv-cache method), or remove the other handle first")
+        backbone.__dict__[_OWNER] = self
+        self._claimed = backbone
 
     # ------------------------------------------------------------------ after every forward of the model
     def _after_forward(self, module, args, kwargs, output):
@@ -144,6 +161,9 @@ class Handle:
             self._hooks.pop().remove()
         for a in reversed(list(self._stages.values())):
             a.remove()
+        claimed, self._claimed = self._claimed, None
+        if claimed is not None and claimed.__dict__.get(_OWNER) is self:
+            del claimed.__dict__[_OWNER]
         self._removed = True
 
     def __enter__(self):
