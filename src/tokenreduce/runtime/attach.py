@@ -44,15 +44,15 @@ class Handle:
         self._entered = False
         self._claimed: nn.Module | None = None
         try:
+            self._forward_params = set(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            self._forward_params = set()
+        try:
             self._attach(model, by_stage, track_source)
             self._hooks.append(model.register_forward_hook(self._after_forward, with_kwargs=True))
         except Exception:
             self.remove()
             raise
-        try:
-            self._forward_params = set(inspect.signature(model.forward).parameters)
-        except (TypeError, ValueError):
-            self._forward_params = set()
 
     def _attach(self, model, by_stage: dict[str, list[Method]], track_source: bool) -> None:
         from ..families.decoders import find_decoder
@@ -77,15 +77,13 @@ class Handle:
                     "(e.g. model.model.vision_tower)")
             self._stages["encoder"] = EncoderAttachment(model, family, blocks, config, by_stage["encoder"], track_source)
         if by_stage.get("decoder") or by_stage.get("kv-cache"):
-            _, backbone = find_decoder(model)
+            family, backbone = find_decoder(model)
             self._claim(backbone)
         if by_stage.get("decoder"):  # before the kv stage: its backbone hook rewrites the prompt the kv stage sees
             from .prefill_filter import PrefillFilterAttachment
 
-            family, backbone = find_decoder(model)
             self._stages["decoder"] = PrefillFilterAttachment(model, family, backbone, by_stage["decoder"][0])
         if by_stage.get("kv-cache"):
-            family, backbone = find_decoder(model)
             method = by_stage["kv-cache"][0]
             if isinstance(method, RetrievalMethod):  # decode-time retrieval (A²ATS): the full cache stays
                 from .kv_retrieval import KVRetrievalAttachment
