@@ -304,6 +304,16 @@ class KVMethod(CountedMethod):
         """Attention rows of the last queries this method needs for a context of ``length`` entries (0 = none)."""
         return 0
 
+    def budgets(self, lengths: Tensor) -> Tensor:
+        """As `CountedMethod.budgets`, except that an evicting method's ``keep_count`` is the cache's fixed size,
+        which a shorter prompt may not reach yet (the cache fills up to it while decoding)."""
+        if self.evicts_during_decode and self.count is not None:
+            from .budget import check_nonempty
+
+            check_nonempty(lengths, self.name)
+            return torch.full_like(lengths.to(torch.long), self.count.count)
+        return super().budgets(lengths)
+
     def score(self, ctx: KVContext) -> Tensor:
         """Scores ``[B, H_kv or 1, N]``: higher is kept; ``+inf`` forces an entry in."""
         raise NotImplementedError

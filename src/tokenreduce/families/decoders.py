@@ -69,6 +69,19 @@ def layer_types(config) -> list[str]:
     return list(get_layer_types_and_kwargs(config)[0])
 
 
+def full_attention_layers(family: DecoderFamily, backbone: nn.Module, who: str) -> tuple[int, ...]:
+    """The full-attention layers of the decoder, or a refusal naming ``who`` when every layer slides."""
+    config = backbone.config
+    types = layer_types(config)
+    full = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    if not full:
+        raise UnsupportedModelError(
+            f"every layer of this {family.name} model is a {types[0]!r} layer (sliding_window="
+            f"{getattr(config, 'sliding_window', None)}); {who} leave sliding-window layers alone (they already bound "
+            "their cache), so there is nothing to do")
+    return full
+
+
 def decoder_info(family: DecoderFamily, backbone: nn.Module, compressible: tuple[int, ...] | None = None) -> DecoderInfo:
     """What a decoder-side method may know of the model; ``compressible`` defaults to the full-attention layers."""
     config = backbone.config

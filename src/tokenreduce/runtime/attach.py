@@ -149,10 +149,6 @@ class Handle:
         return dict(self._stages)
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def removed(self) -> bool:
-        return self._removed
-
     def remove(self) -> None:
         """Take every method off the model (idempotent); the model is exactly as before."""
         while self._hooks:

@@ -5,11 +5,11 @@ How it attaches (all undone exactly by `EncoderAttachment.remove`):
 * Each block gets an instance-level ``forward`` (the class is untouched). This is the one
   monkey-patch: the reduction sits *inside* the block, after the attention residual and
   before the MLP (where ToMe merges), and no hook reaches that point.
-* The attention modules of those blocks are routed (`runtime.routing`) to `attend`, which adds
-  the key bias (``log size`` for
-  proportional attention, a mask for padded tokens), computes only the signals the methods
-  asked for (keys, the [CLS] row, full probabilities) from Q and K, and then calls the
-  model's own implementation (SDPA by default) — the model is never switched to eager.
+* The attention modules of those blocks are routed (`runtime.routing`) to `attend`, which
+  adds the key bias (``log size`` for proportional attention, a mask for padded tokens),
+  computes only the signals the methods asked for (keys, the [CLS] row, full probabilities)
+  from Q and K, and then calls the model's own implementation (SDPA by default) — the model
+  is never switched to eager.
 * Methods may also reduce a block's *input*, before its attention
   (`EncoderMethod.reduce_before_attention`, MCTF's one-step-ahead fusion). They get a
   ``probe()`` that runs the block's own attention module on the current tokens only as far

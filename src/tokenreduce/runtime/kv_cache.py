@@ -37,12 +37,12 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
+from ..core.errors import NeverFiredError, StageError
 from ..core.kv import CompressedLayer, kv_bytes, layer_mask, select_kept
 from ..core.method import DecoderInfo, KVContext, KVMethod, Signal
 from ..core.stats import Stats
 from ..core.undo import Undo
-from ..families.decoders import DecoderFamily, attention_modules, decoder_info, layer_types
+from ..families.decoders import DecoderFamily, attention_modules, decoder_info, full_attention_layers
 from ..scoring.attention import accumulated_attention, window_attention
 from .kv_decode import evict_step, reposition, rope_for_repositioning
 from .routing import check_implementation, is_probing, route
@@ -77,13 +77,7 @@ class DecoderAttachment:
         self.layers = list(family.layers(backbone))
         self.attns = attention_modules(family, backbone)
         impl = check_implementation(config, "kv-cache methods")  # the masks of padded, compressed caches
-        types = layer_types(config)
-        full = tuple(i for i, t in enumerate(types) if t == "full_attention")
-        if not full:
-            raise UnsupportedModelError(
-                f"every layer of this {family.name} model is a {types[0]!r} layer (sliding_window="
-                f"{getattr(config, 'sliding_window', None)}); kv-cache methods leave sliding-window layers alone "
-                "(they already bound their cache), so there is nothing to compress")
+        full = full_attention_layers(family, backbone, "kv-cache methods")
         self.info = decoder_info(family, backbone, full)
         method.check(self.info)
         self.compressible = tuple(i for i in full if method.compresses(i))
@@ -233,7 +227,7 @@ class DecoderAttachment:
         st.valid = self._validity(kwargs.get("attention_mask"), batch, past + q, hidden.device)
         st.lengths = st.valid.sum(-1)
         if index == self.info.compressible[0]:  # every layer's budget, before the first layer touches the cache
-            self._budgets = {i: self._layer_budgets(st.lengths, i) for i in self.compressible}
+            self._budgets = {i: m.layer_budgets(st.lengths, i, self.info) for i in self.compressible}
             self.stats = Stats(batch_size=batch)
             m.begin_prefill()
         if index not in self.compressible:
@@ -241,16 +235,8 @@ class DecoderAttachment:
             return
         st.budgets = self._budgets.get(index)
         if st.budgets is None:  # the first compressible layer did not run in this forward (a truncated model)
-            st.budgets = self._layer_budgets(st.lengths, index)
+            st.budgets = m.layer_budgets(st.lengths, index, self.info)
         st.compress = True
-
-    def _layer_budgets(self, lengths: Tensor, index: int) -> Tensor:
-        """Entries each sample keeps at ``index``. An evicting method's ``keep_count`` is the cache's fixed size, which
-        a shorter prompt may not reach yet (the cache then fills up to it while decoding)."""
-        m = self.method
-        if m.evicts_during_decode and m.count is not None:
-            return torch.full_like(lengths, m.count.count)
-        return m.layer_budgets(lengths, index, self.info)
 
     def _row_validity(self, batch: int, length: int, q: int, device) -> Tensor:
         """Real query rows [B, q] of a forward that ends at logical ``length``."""

@@ -49,7 +49,7 @@ from transformers.cache_utils import Cache
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.stats import Stats
 from ..core.undo import Undo
-from ..families.decoders import DecoderFamily, attention_modules, decoder_info, find_decoder, layer_types
+from ..families.decoders import DecoderFamily, attention_modules, decoder_info, find_decoder, full_attention_layers
 from ..scoring.rope import rotate, unrotate
 from .routing import check_implementation, route
 
@@ -142,11 +142,7 @@ class _Routed:
         config = backbone.config
         self.impl = check_implementation(config, "retrieval attention")
         attns = attention_modules(family, backbone)
-        types = layer_types(config)
-        self.full = tuple(i for i, t in enumerate(types) if t == "full_attention")
-        if not self.full:
-            raise UnsupportedModelError(f"every layer of this {family.name} model is a {types[0]!r} layer; retrieval "
-                                        "attention leaves sliding-window layers alone, so there is nothing to do")
+        self.full = full_attention_layers(family, backbone, "retrieval methods")
         self.info = decoder_info(family, backbone, self.full)
         self.attns = [attns[i] for i in self.full]  # index k of the routed modules = full layer self.full[k]
         self.rotary = getattr(backbone, "rotary_emb", None)

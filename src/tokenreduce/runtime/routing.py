@@ -111,11 +111,6 @@ def route(attn: nn.Module, listener, index: int, undo: Undo) -> None:
     undo.append(unroute)
 
 
-def listeners(attn: nn.Module) -> list:
-    """The listeners routed to ``attn``, in call order."""
-    return [l for l, _ in attn.__dict__.get(_ROUTES) or ()]
-
-
 # ---------------------------------------------------------------------------- probe passes
 _probing: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
