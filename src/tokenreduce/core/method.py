@@ -416,3 +416,81 @@ class RetrievalMethod(KVMethod):
     def fit(self, info: DecoderInfo, full: tuple[int, ...], tokens: int, **options) -> None:
         """Fit the method's state from everything observed (``tokens`` token positions in all)."""
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- visual tokens of a VLM
+@dataclass
+class VisualContext:
+    """One image's (or video's) visual tokens where they enter the language model (the connector).
+
+    ``features`` are the language model's input embeddings at the image's placeholders, in the
+    prompt's order. The tower's signals are the select layer's (the layer whose output the
+    projector reads), for the visual tokens only, when the tower has a [CLS] token.
+    """
+
+    features: Tensor  # [n, D]
+    budget: int  # tokens to keep
+    cls_attention: Tensor | None = None  # [H, n] the tower's [CLS] softmax row to each visual token
+    tower_keys: Tensor | None = None  # [H, n, Dh] the tower's keys of the visual tokens
+    grid: tuple[int, int] | None = None  # (rows, cols) when the tokens are one raster grid
+    generator: torch.Generator | None = None
+
+
+class ConnectorMethod(CountedMethod):
+    """A method that keeps or merges visual tokens after they enter the language model's input embeddings.
+
+    Budget (one meaning): ``keep_ratio`` = fraction of each image's visual tokens kept (``floor``,
+    at least 1), or ``keep_count`` = visual tokens kept per image. The method plans one `Reduction`
+    per image (`plan`); the attachment rewrites embeddings, positions, masks and caches. Kept and
+    merged tokens keep their original positions (a merged token its earliest source's) unless the
+    method renumbers (``renumber=True``: end-aligned, as GemFilter, so ``generate`` continues right).
+    """
+
+    stage = "connector"
+    whole, items, example_ratio = "image", "visual tokens", 0.25
+    needs_cls: ClassVar[bool] = False  # reads the tower's [CLS] attention (FasterVLM, VisionZip)
+    needs_grid: ClassVar[bool] = False  # reads the raster grid (pooling)
+    renumber: bool = False
+
+    def plan(self, ctx: VisualContext) -> "Reduction":  # noqa: F821
+        """A Reduction of batch 1 from the image's ``n`` tokens to at most ``ctx.budget`` tokens."""
+        raise NotImplementedError
+
+    def scoring_flops(self, n: int, ctx: VisualContext) -> float:
+        """FLOPs of planning beyond what the model computes anyway."""
+        return 0.0
+
+
+class LayerDropMethod(Method):
+    """A method that drops visual tokens inside the language model during the prefill (FastV, PyramidDrop).
+
+    It names a schedule: at each drop layer ``K`` (0-based), from the visual tokens still there,
+    keep the top ``fraction`` of the *original* visual count by a score of the last prompt token's
+    attention. The attachment computes that attention from Q and K only (SDPA stays SDPA): from the
+    previous layer's attention call (``scores_from = "previous"``, FastV) or from layer ``K``'s own
+    norm and projections applied to its input (``"own"``, PyramidDrop). Layers >= ``K`` then run
+    on the kept tokens only, their cache holds only them, and ``generate`` continues.
+
+    Budget (one meaning): ``keep_ratio`` = the fraction of visual tokens kept, averaged over the
+    language model's layers; each method solves its native schedule for it.
+    """
+
+    stage = "decoder"
+    scores_from: ClassVar[str] = "previous"
+
+    def schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
+        """[(layer K, fraction of the original visual tokens kept from K on)], K ascending, fractions falling."""
+        raise NotImplementedError
+
+    def score(self, attention: Tensor) -> Tensor:
+        """Scores [n] (higher kept) from the last query's softmax ``attention`` [H, n] over one sample's visual keys."""
+        return attention.mean(0)
+
+    @staticmethod
+    def mean_kept(schedule: list[tuple[int, float]], num_layers: int) -> float:
+        """The fraction of visual tokens kept, averaged over the layers, of a schedule."""
+        total, cur, prev = 0.0, 1.0, 0
+        for layer, frac in schedule:
+            total += (layer - prev) * cur
+            prev, cur = layer, frac
+        return (total + (num_layers - prev) * cur) / num_layers

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     baselines,
     dymu,
     evit,
+    fastervlm,
     gemfilter,
     h2o,
     keyformer,
@@ -18,4 +19,6 @@ from . import (  # noqa: F401
     token_transforming,
     tome,
     tova,
+    visionzip,
+    visual_baselines,
 )

@@ -19,7 +19,15 @@ import inspect
 from torch import nn
 
 from ..core.errors import StageError, UnsupportedModelError
-from ..core.method import EncoderMethod, KVMethod, Method, PrefillFilterMethod, RetrievalMethod
+from ..core.method import (
+    ConnectorMethod,
+    EncoderMethod,
+    KVMethod,
+    LayerDropMethod,
+    Method,
+    PrefillFilterMethod,
+    RetrievalMethod,
+)
 from ..core.registry import STAGES
 from ..core.stats import Stats, combine
 
@@ -76,13 +84,36 @@ class Handle:
                     "with the VLM stages); to use the reduced features directly, attach to the tower itself "
                     "(e.g. model.model.vision_tower)")
             self._stages["encoder"] = EncoderAttachment(model, family, blocks, config, by_stage["encoder"], track_source)
-        if by_stage.get("decoder") or by_stage.get("kv-cache"):
+        if by_stage.get("connector") or by_stage.get("decoder") or by_stage.get("kv-cache"):
             family, backbone = find_decoder(model)
             self._claim(backbone)
-        if by_stage.get("decoder"):  # before the kv stage: its backbone hook rewrites the prompt the kv stage sees
-            from .prefill_filter import PrefillFilterAttachment
+        if by_stage.get("connector"):  # first: its backbone hook rewrites the prompt every later stage sees
+            from ..families.vlms import require_vlm
+            from .connector import ConnectorAttachment
 
-            self._stages["decoder"] = PrefillFilterAttachment(model, family, backbone, by_stage["decoder"][0])
+            method = by_stage["connector"][0]
+            self._stages["connector"] = ConnectorAttachment(model, require_vlm(model, method.name), family, backbone,
+                                                            method)
+        if by_stage.get("decoder"):  # before the kv stage: its backbone hook rewrites the prompt the kv stage sees
+            method = by_stage["decoder"][0]
+            if isinstance(method, LayerDropMethod):
+                from ..families.vlms import require_vlm
+                from .in_llm import InLLMAttachment
+
+                if by_stage.get("kv-cache") or by_stage.get("connector"):
+                    other = (by_stage.get("kv-cache") or by_stage.get("connector"))[0]
+                    raise StageError(f"{method!r} drops visual tokens inside the language model; composing it with "
+                                     f"{other!r} is not supported yet (each layer's cache would be cut twice). Use one "
+                                     "of them, or a connector method with a kv-cache method")
+                self._stages["decoder"] = InLLMAttachment(model, require_vlm(model, method.name), family, backbone,
+                                                          method)
+            else:
+                from .prefill_filter import PrefillFilterAttachment
+
+                if by_stage.get("connector"):
+                    raise StageError(f"{method!r} filters the whole prompt; it cannot follow a connector method "
+                                     f"({by_stage['connector'][0]!r}) that already rewrote it")
+                self._stages["decoder"] = PrefillFilterAttachment(model, family, backbone, method)
         if by_stage.get("kv-cache"):
             method = by_stage["kv-cache"][0]
             if isinstance(method, RetrievalMethod):  # decode-time retrieval (A²ATS): the full cache stays
@@ -222,7 +253,8 @@ def _group(methods: list[Method]) -> dict[str, list[Method]]:
     by_stage: dict[str, list[Method]] = {}
     for m in methods:
         by_stage.setdefault(m.stage, []).append(m)
-    ready = {"encoder": EncoderMethod, "decoder": PrefillFilterMethod, "kv-cache": KVMethod}
+    ready = {"encoder": EncoderMethod, "connector": ConnectorMethod, "decoder": (PrefillFilterMethod, LayerDropMethod),
+             "kv-cache": KVMethod}
     unknown = [s for s in by_stage if s not in ready]
     if unknown:
         raise StageError(f"no runtime for {sorted(unknown)} methods yet; the stages that run today are "
@@ -230,9 +262,12 @@ def _group(methods: list[Method]) -> dict[str, list[Method]]:
     for stage, ms in by_stage.items():
         for m in ms:
             if not isinstance(m, ready[stage]):
+                names = " or ".join(c.__name__ for c in (ready[stage] if isinstance(ready[stage], tuple) else (ready[stage],)))
                 raise StageError(f"{m!r} says it is a {stage} method but does not implement that stage's contract "
-                                 f"({ready[stage].__name__})")
-    for stage, what in (("decoder", "prefill filter"), ("kv-cache", "kv-cache method")):
+                                 f"({names})")
+    for stage, what in (("connector", "connector method"), ("decoder", "decoder-stage method (prefill filter or "
+                                                                      "in-LLM visual pruning)"),
+                        ("kv-cache", "kv-cache method")):
         if len(by_stage.get(stage, [])) > 1:
             raise StageError(f"one {what} per model; got {', '.join(repr(m) for m in by_stage[stage])}. Rule: each "
                              "decoder-side stage holds one method; compose across stages instead (e.g. gemfilter then "

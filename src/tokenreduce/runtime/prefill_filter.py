@@ -64,6 +64,7 @@ from ..core.method import DecoderInfo, PrefillFilterMethod
 from ..core.stats import Stats
 from ..core.undo import Undo
 from ..families.decoders import DecoderFamily, attention_modules, decoder_info, layer_types
+from .prompt_rewrite import continue_prompt, stand_for_prompt
 from .routing import check_implementation, probe_pass, route
 
 
@@ -262,38 +263,7 @@ class PrefillFilterAttachment:
 
     def _continue(self, kw: dict, cache: Cache, batch: int, q: int) -> dict:
         """A later forward on a filtered cache: let the compressed layers be masked by transformers' one mask."""
-        layers = [l for l in cache.layers if isinstance(l, CompressedLayer)]
-        if any(l.refiltered for l in layers):
-            return kw  # a kv-cache stage compressed the filtered cache further: it masks every layer itself
-        for l in layers:
-            l.masked_by = self
-            self._flagged.add(l)
-        first = layers[0]
-        if first.slot_valid is None:
-            return kw  # every sample kept the same count: the caller's own mask is right as it is
-        same = len(layers) == len(cache.layers) and all(
-            l.slot_valid is not None and torch.equal(l.slot_valid, first.slot_valid)
-            and l.compressed_length == first.compressed_length and l.physical_length == first.physical_length
-            for l in layers[1:])
-        if not same:
-            raise StageError("this cache's layers were compressed differently (a kv-cache method's per-layer "
-                             f"layout); {self.method.name} continues only caches it filtered itself")
-        mask = kw.get("attention_mask")
-        logical = first.get_seq_length() + q
-        if mask is None:
-            mask = torch.ones(batch, logical, dtype=torch.long, device=first.keys.device)
-        elif mask.dim() != 2:
-            raise StageError("a custom 4-D attention mask cannot follow a filtered prompt whose samples kept different "
-                             "numbers of tokens; pass a 2-D padding mask over the whole sequence (or none)")
-        if mask.shape[1] != logical:
-            raise StageError(f"the attention_mask covers {mask.shape[1]} positions, but the filtered cache stands for "
-                             f"{first.get_seq_length()} tokens plus {q} new ones; pass a 2-D mask over the whole sequence")
-        off = first.compressed_length - first.compressed_slots
-        mask = mask.clone()
-        mask[:, off:off + first.compressed_slots] = first.slot_valid.to(device=mask.device, dtype=mask.dtype)
-        out = dict(kw)
-        out["attention_mask"] = mask
-        return out
+        return continue_prompt(kw, cache, batch, q, self, self._flagged, self.method.name)
 
     def _end(self, backbone, args, kwargs, output):
         if self._filtering:
@@ -318,18 +288,7 @@ class PrefillFilterAttachment:
         s.flops_full = nl * decoder_layer_flops(n_w, info, self.mlp_size)
         cache = p["cache"]
         if cache is not None:
-            kept_h = p["kept"][:, None, :].expand(-1, info.num_kv_heads, -1)
-            slot = None if bool(p["slot"].all()) else p["slot"]
-            for i, layer in enumerate(cache.layers):
-                if isinstance(layer, CompressedLayer) and layer.compressed_length == k_w:
-                    new = _refer_to_prompt(layer, kept_h, p["length"])  # a kv-cache stage compressed it further
-                elif type(layer) is DynamicLayer and layer.is_initialized and layer.keys.shape[-2] == k_w:
-                    new = CompressedLayer(layer.keys, layer.values, p["length"], kept_h, slot)
-                else:
-                    raise StageError(f"layer {i} of the cache holds {getattr(layer, 'keys', None) is not None and layer.keys.shape[-2]} "
-                                     f"entries after the filtered prefill, expected {k_w}")
-                new.filtered_by = self
-                cache.layers[i] = new
+            for i, layer, new in stand_for_prompt(cache, p["kept"], p["length"], info.num_kv_heads, self):
                 before = layer.keys[..., :1, :].numel() * n_w * layer.keys.element_size() * 2
                 s.kv_layers.append(i)
                 s.kv_entries_per_layer.append(n_mean)
@@ -346,17 +305,3 @@ class PrefillFilterAttachment:
             raise NeverFiredError(f"the model ran but its {self.info.family} decoder did not, so {self.method.name} never "
                                   "fired; call the causal LM (or its decoder) the method is attached to")
         self._ran = False
-
-
-def _refer_to_prompt(layer: CompressedLayer, kept: Tensor, length: int) -> CompressedLayer:
-    """A layer a kv-cache stage compressed during the filtered prefill, made to stand for the whole prompt.
-
-    Its slots point into the ``k`` kept tokens; ``kept`` [B, H_kv, k] maps those to prompt
-    positions, and the logical length becomes the prompt's, as for a layer only this stage filtered.
-    """
-    inner = layer.kept.to(kept.device)
-    layer.kept = torch.where(inner >= 0, kept.gather(-1, inner.clamp_min(0)), -1)
-    layer.cumulative_length += length - layer.compressed_length
-    layer.compressed_length = length
-    layer.refiltered = True
-    return layer

@@ -1,0 +1,393 @@
+"""Connector stage: keep or merge visual tokens where they enter a VLM's language model.
+
+Every supported VLM (`families.vlms`) embeds the prompt, scatters the projected image features
+into the embeddings at the placeholder tokens and calls its language model. This stage hooks
+that call (a forward pre-hook with kwargs on the language model) and, for a prompt that carries
+visual tokens, rewrites it before the first layer runs:
+
+* the visual tokens come from the input ids (captured by a pre-hook on the VLM's inner model)
+  and the model's placeholder ids; each contiguous run of them in a sample is one image;
+* the method plans one `Reduction` per image (`ConnectorMethod.plan`); text tokens stay;
+* embeddings, every position row (M-RoPE's three), the 2-D mask or a dict of 4-D masks
+  (Gemma 3), and Qwen3-VL's deepstack features follow the same map; samples that end with
+  different lengths are left-padded and masked;
+* kept tokens keep their original positions (a merged token its earliest source's), or are
+  renumbered end-aligned when the method asks (``renumber=True``), so ``generate`` continues
+  at the caller's next position either way;
+* after the prefill each cache layer stands for the whole prompt (`prompt_rewrite`): logical
+  length the caller's, physical length the kept tokens.
+
+Methods that read the tower's [CLS] attention (FasterVLM, VisionZip) get it from a listener on
+the attention call of the tower's select layer (the block whose output the projector reads):
+only the [CLS] row is computed from Q and K, the tower's own attention stays SDPA.
+
+A prompt without visual tokens (text only) passes unchanged and is counted in the stats
+(``no_visual_forwards``). Visual tokens in a forward that continues a cache are refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
+from ..core.kv import CompressedLayer, kv_bytes
+from ..core.method import ConnectorMethod, VisualContext, generator_for
+from ..core.reduction import Reduction
+from ..core.stats import Stats
+from ..core.undo import Undo
+from ..families.decoders import DecoderFamily, decoder_info
+from ..families.encoders import find_encoders
+from ..families.vlms import VLMParts
+from ..scoring.attention import cls_attention
+from .prefill_filter import decoder_layer_flops
+from .prompt_rewrite import continue_prompt, stand_for_prompt
+from .routing import route
+
+CLS_METHODS_NOTE = "methods that need no [CLS]: visual_random, visual_pool"
+
+
+@dataclass
+class ConnectorStats(Stats):
+    """`Stats` plus what the connector did (means over the batch's samples).
+
+    ``flops`` / ``flops_full``: the language model's prefill on the rewritten / original prompt
+    (padding included, as every stage counts), plus the method's planning work.
+    """
+
+    visual_tokens: float = 0.0
+    kept_visual_tokens: float = 0.0
+    prompt_tokens: float = 0.0
+    kept_tokens: float = 0.0
+    no_visual_forwards: int = 0  # forwards whose prompt had no visual token (text only): passed unchanged
+    kept_positions: list[list[int]] = field(default_factory=list)  # per sample: prompt positions of the kept tokens
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "visual_tokens": self.visual_tokens, "kept_visual_tokens": self.kept_visual_tokens,
+                "prompt_tokens": self.prompt_tokens, "kept_tokens": self.kept_tokens,
+                "no_visual_forwards": self.no_visual_forwards}
+
+
+def visual_runs(visual: Tensor) -> list[list[tuple[int, int]]]:
+    """Per sample, the (start, end) of each contiguous run of visual tokens."""
+    out = []
+    for row in visual.tolist():
+        runs, start = [], None
+        for i, v in enumerate(row + [False]):
+            if v and start is None:
+                start = i
+            elif not v and start is not None:
+                runs.append((start, i))
+                start = None
+        out.append(runs)
+    return out
+
+
+def square_grid(n: int) -> tuple[int, int] | None:
+    side = int(round(n ** 0.5))
+    return (side, side) if side * side == n else None
+
+
+def select_block(config, num_blocks: int) -> int:
+    """The tower block whose output the projector reads (LLaVA's ``vision_feature_layer``)."""
+    layer = getattr(config, "vision_feature_layer", -1)
+    if not isinstance(layer, int):
+        raise UnsupportedModelError(f"a vision_feature_layer list ({layer}) concatenates several tower layers; the "
+                                    f"[CLS] attention of one select layer is undefined ({CLS_METHODS_NOTE})")
+    block = num_blocks + layer if layer < 0 else layer - 1
+    if not 0 <= block < num_blocks:
+        raise UnsupportedModelError(f"vision_feature_layer={layer} selects the embeddings, not a block's output")
+    return block
+
+
+class ConnectorAttachment:
+    """One connector method attached to one VLM."""
+
+    def __init__(self, model: nn.Module, parts: VLMParts, family: DecoderFamily, backbone: nn.Module,
+                 method: ConnectorMethod):
+        if backbone is not parts.language_model:
+            raise UnsupportedModelError(f"{method.name}: the decoder found ({type(backbone).__name__}) is not the VLM's "
+                                        f"language model ({type(parts.language_model).__name__})")
+        self.parts, self.method, self.backbone = parts, method, backbone
+        self.info = decoder_info(family, backbone, ())
+        self.mlp_size = backbone.config.intermediate_size
+        self.stats = ConnectorStats()
+        self.strategy = getattr(parts.inner.config, "vision_feature_select_strategy", "default")
+        self._undo = Undo()
+        self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
+        self._sig = inspect.signature(backbone.forward)
+        self._ids: Tensor | None = None
+        self._budgets: list[list[int]] | None = None
+        self._tower: dict | None = None
+        self._pending: dict | None = None
+        self._images = self._fired = False
+        self._cls_attn = None
+        if method.needs_cls:
+            self._route_tower(parts)
+        try:
+            self._undo += [parts.inner.register_forward_pre_hook(self._capture, with_kwargs=True).remove,
+                           backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
+                           backbone.register_forward_hook(self._end, with_kwargs=True).remove]
+        except Exception:
+            self.remove()
+            raise
+
+    def _route_tower(self, parts: VLMParts) -> None:
+        if not parts.family.cls_tower:
+            raise UnsupportedModelError(f"{self.method.name} reads the tower's [CLS] attention, but the {parts.family.name} "
+                                        f"tower has no [CLS] token; {CLS_METHODS_NOTE}")
+        found = find_encoders(parts.tower)
+        fam, _owner, blocks, config = found[0]
+        if fam.num_prefix(config) < 1:
+            raise UnsupportedModelError(f"{self.method.name} reads the tower's [CLS] attention, but this {fam.name} tower "
+                                        f"has no [CLS] token; {CLS_METHODS_NOTE}")
+        self._tower_block = select_block(parts.inner.config, len(blocks))
+        route(fam.attention(blocks[self._tower_block]), self, 0, self._undo)
+
+    def remove(self) -> None:
+        for layer in list(self._flagged):
+            layer.masked_by = None
+        self._flagged = weakref.WeakSet()
+        self._pending = None
+        self._undo.run()
+
+    # ------------------------------------------------------------------ the tower's select layer
+    def attend(self, index, module, query, key, value, attention_mask, proceed, **kwargs):
+        scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        self._tower = {"cls": cls_attention(query, key, attention_mask, scale), "keys": key}
+        return proceed(query, key, value, attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ hooks
+    def _capture(self, inner, args, kwargs):
+        """The VLM's own forward: remember the ids, check the budgets before the tower runs."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._ids, self._budgets = None, None  # the tower's rows stay: generate may run the tower before this call
+        self._images = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if not isinstance(ids, Tensor):
+            if self._images:
+                raise StageError(f"{self.method.name} finds visual tokens from input_ids; this call passed "
+                                 "inputs_embeds instead. Pass input_ids (and pixel_values)")
+            return None
+        self._ids = ids
+        runs = visual_runs(self.parts.visual_mask(ids))
+        self._budgets = [[int(self.method.budgets(torch.tensor([e - s]))[0]) for s, e in r] for r in runs]
+        return None
+
+    def _begin(self, backbone, args, kwargs):
+        bound = self._sig.bind_partial(*args, **kwargs).arguments
+        kw = {k: v for k, v in bound.items() if k != "kwargs"}
+        kw.update(bound.get("kwargs", {}))
+        ids, self._ids = self._ids, None
+        embeds = kw.get("inputs_embeds")
+        cache = kw.get("past_key_values")
+        if isinstance(cache, Cache) and any(getattr(l, "rewritten_by", None) is self for l in cache.layers):
+            q = embeds.shape[1] if embeds is not None else kw["input_ids"].shape[1]
+            b = embeds.shape[0] if embeds is not None else kw["input_ids"].shape[0]
+            if ids is not None and bool(self.parts.visual_mask(ids).any()):
+                raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache; send the "
+                                 "image in the first forward of the prompt")
+            return (), continue_prompt(kw, cache, b, q, self, self._flagged, self.method.name)
+        if ids is None or embeds is None:
+            return None
+        visual = self.parts.visual_mask(ids)
+        if not bool(visual.any()):
+            self.stats = ConnectorStats(batch_size=ids.shape[0], no_visual_forwards=self.stats.no_visual_forwards + 1)
+            return None
+        if isinstance(cache, Cache) and cache.get_seq_length() > 0:
+            raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache holding "
+                             f"{cache.get_seq_length()} tokens; prefill the image prompt in one forward")
+        self._fired = True
+        return (), self._rewrite(kw, ids, visual, embeds, cache)
+
+    # ------------------------------------------------------------------ the rewrite
+    def _plan(self, ids: Tensor, visual: Tensor, embeds: Tensor) -> tuple[Reduction, list[float]]:
+        """The whole prompt's map [B, L] -> [B, M]: text tokens kept, each image reduced by the method."""
+        b, length = ids.shape
+        runs = visual_runs(visual)
+        budgets = self._budgets if self._budgets is not None else [
+            [int(self.method.budgets(torch.tensor([e - s]))[0]) for s, e in r] for r in runs]
+        tower = self._tower_rows(runs)
+        seed = getattr(self.method, "seed", None)
+        dest = torch.full((b, length), -1, dtype=torch.long)
+        coef = torch.zeros(b, length, dtype=torch.float32)
+        counts, planning = [], 0.0
+        image = 0
+        for s_i, sample_runs in enumerate(runs):
+            slots: list[tuple[int, list[tuple[int, float]]]] = []  # (anchor, [(source, weight)])
+            in_run = torch.zeros(length, dtype=torch.bool)
+            for r_i, (s, e) in enumerate(sample_runs):
+                in_run[s:e] = True
+                n = e - s
+                grid = square_grid(n) if self.strategy != "full" else square_grid(n - 1)
+                ctx = VisualContext(features=embeds[s_i, s:e], budget=budgets[s_i][r_i], grid=grid,
+                                    generator=generator_for(seed, "cpu"))  # per image: a batch = its samples alone
+                if tower is not None:
+                    ctx.cls_attention, ctx.tower_keys = tower[image]
+                image += 1
+                red = self.method.plan(ctx)
+                planning += self.method.scoring_flops(n, ctx)
+                if red.batch != 1 or red.num_in != n or red.num_out > ctx.budget:
+                    raise StageError(f"{self.method!r} planned a map of {red.num_in} -> {red.num_out} tokens for an "
+                                     f"image of {n} tokens with a budget of {ctx.budget}")
+                d, c, a = red.dest[0].cpu(), red.coef[0].float().cpu(), red.anchors()[0].cpu()
+                for m in range(red.num_out):
+                    if a[m] < 0:
+                        continue
+                    members = (d == m).nonzero().flatten().tolist()
+                    slots.append((s + int(a[m]), [(s + j, float(c[j])) for j in members]))
+            real = self._valid[s_i]
+            for t in range(length):
+                if not in_run[t] and bool(real[t]):
+                    slots.append((t, [(t, 1.0)]))
+            slots.sort(key=lambda x: x[0])
+            counts.append(len(slots))
+            for slot, (_, members) in enumerate(slots):
+                for j, w in members:
+                    dest[s_i, j] = slot
+                    coef[s_i, j] = w
+        width = max(counts)
+        for s_i, count in enumerate(counts):  # left padding
+            dest[s_i] = torch.where(dest[s_i] >= 0, dest[s_i] + width - count, -1)
+        dev = embeds.device
+        return Reduction(num_out=width, dest=dest.to(dev), coef=coef.to(dev)), [planning / max(b, 1)]
+
+    def _tower_rows(self, runs) -> list[tuple[Tensor, Tensor]] | None:
+        """Per image, the [CLS] attention [H, n] and keys [H, n, D] of its visual tokens."""
+        if not self.method.needs_cls:
+            return None
+        if self._tower is None:
+            raise NeverFiredError(f"{self.method.name}: the prompt has visual tokens but the tower's select layer did not "
+                                  "run in this forward; pass pixel_values with the image tokens")
+        cls, keys = self._tower["cls"], self._tower["keys"]  # [I, H, N+1], [I, H_kv, N+1, D]
+        self._tower = None  # used once
+        first = 0 if self.strategy == "full" else 1
+        sizes = [e - s for r in runs for s, e in r]
+        tokens = cls.shape[-1] - first
+        if len(sizes) != cls.shape[0] or any(n != tokens for n in sizes):
+            raise StageError(f"{self.method.name} maps each run of image tokens to one tower image of {tokens} tokens; "
+                             f"this prompt has runs of {sizes} tokens for {cls.shape[0]} images (tiled or multi-crop "
+                             f"images are not supported for [CLS] scoring; {CLS_METHODS_NOTE})")
+        return [(cls[i, :, first:], keys[i, :, first:]) for i in range(cls.shape[0])]
+
+    def _rewrite(self, kw: dict, ids: Tensor, visual: Tensor, embeds: Tensor, cache) -> dict:
+        b, length = ids.shape
+        dev = embeds.device
+        mask = kw.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            self._valid = mask.to(torch.bool).cpu()
+        else:
+            self._valid = torch.ones(b, length, dtype=torch.bool)
+        red, (planning,) = self._plan(ids, visual, embeds)
+        anchors = red.anchors()  # [B, M] prompt position of each slot, -1 = padding
+        slot = anchors >= 0
+        idx = anchors.clamp_min(0)
+        out = dict(kw)
+        out["inputs_embeds"] = red.apply(embeds)
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = torch.arange(length, device=dev)[None].expand(b, -1)
+        if self.method.renumber:
+            if pos.dim() != 2:
+                raise StageError(f"{self.method.name}(renumber=True) renumbers 1-D positions; this model's positions are "
+                                 f"{pos.dim()}-D (M-RoPE): use renumber=False")
+            count = slot.sum(-1, keepdim=True)
+            nxt = pos.expand(b, -1)[:, -1:] + 1
+            rank = slot.long().cumsum(-1) - 1
+            new_pos = torch.where(slot, nxt - count + rank, 1)
+        elif pos.dim() == 3:  # M-RoPE [k, B, L]
+            new_pos = torch.where(slot[None], pos.expand(-1, b, -1).gather(2, idx[None].expand(pos.shape[0], -1, -1)), 1)
+        else:
+            new_pos = torch.where(slot, pos.expand(b, -1).gather(1, idx), 1)
+        out["position_ids"] = new_pos
+        out["attention_mask"] = self._masks(mask, slot, idx, red)
+        if self.parts.family.deepstack and kw.get("visual_pos_masks") is not None:
+            out.update(self._deepstack(kw, red, visual, slot, idx))
+        use_cache = kw.get("use_cache")
+        use_cache = self.backbone.config.use_cache if use_cache is None else use_cache
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.backbone.config)
+        out["past_key_values"] = cache
+        kept = torch.where(slot, anchors, -1)
+        self._pending = {"cache": cache if use_cache else None, "kept": kept, "length": length}
+        self._record(ids, visual, slot, red, planning, kept)
+        return out
+
+    def _masks(self, mask, slot: Tensor, idx: Tensor, red: Reduction):
+        if mask is None or (isinstance(mask, Tensor) and mask.dim() == 2):
+            return slot.long() if mask is None else slot.to(mask.dtype)
+        if isinstance(mask, dict):  # Gemma 3: full / sliding 4-D masks built by the outer model
+            return {k: self._mask4d(v, slot, idx) for k, v in mask.items()}
+        if isinstance(mask, Tensor) and mask.dim() == 4:
+            return self._mask4d(mask, slot, idx)
+        raise StageError(f"{self.method.name}: unsupported attention_mask of type {type(mask).__name__}")
+
+    @staticmethod
+    def _mask4d(mask, slot: Tensor, idx: Tensor):
+        """A 4-D mask [B, 1, L, L] -> [B, 1, M, M] of the kept slots; a padded slot sees only itself."""
+        if mask is None:
+            return None
+        b, h, m_ = idx.shape[0], mask.shape[1], idx.shape[1]
+        rows = mask.expand(b, -1, -1, -1).gather(2, idx[:, None, :, None].expand(-1, h, -1, mask.shape[-1]))
+        m = rows.gather(3, idx[:, None, None, :].expand(-1, h, m_, -1))
+        own = torch.eye(m_, dtype=torch.bool, device=m.device)[None, None] & ~slot[:, None, :, None]
+        if m.dtype == torch.bool:
+            return (m & slot[:, None, None, :]) | own
+        m = m.masked_fill(~slot[:, None, None, :], torch.finfo(m.dtype).min)
+        return m.masked_fill(own, 0.0)
+
+    def _deepstack(self, kw: dict, red: Reduction, visual: Tensor, slot: Tensor, idx: Tensor) -> dict:
+        """Qwen3-VL: the visual features added after early layers follow the visual tokens."""
+        vis_mask = kw["visual_pos_masks"]
+        new_mask = vis_mask.gather(1, idx) & slot
+        feats = []
+        for f in kw.get("deepstack_visual_embeds") or []:
+            full = f.new_zeros(*vis_mask.shape, f.shape[-1])
+            full[vis_mask] = f
+            feats.append(red.apply(full)[new_mask])
+        return {"visual_pos_masks": new_mask, "deepstack_visual_embeds": feats}
+
+    def _record(self, ids, visual, slot, red: Reduction, planning: float, kept: Tensor) -> None:
+        b, length = ids.shape
+        real = self._valid
+        vis = (visual.cpu() & real).sum(-1).float()
+        new_vis = red.valid(visual & real.to(visual.device)).sum(-1).float().cpu()
+        s = ConnectorStats(batch_size=b, no_visual_forwards=self.stats.no_visual_forwards)
+        s.visual_tokens, s.kept_visual_tokens = float(vis.mean()), float(new_vis.mean())
+        s.prompt_tokens, s.kept_tokens = float(real.sum(-1).float().mean()), float(slot.sum(-1).float().mean())
+        nl, m = self.info.num_layers, red.num_out
+        s.tokens_per_layer = s.mlp_tokens_per_layer = [s.kept_tokens] * nl
+        s.scoring_flops = planning
+        s.flops = nl * decoder_layer_flops(m, self.info, self.mlp_size) + planning
+        s.flops_full = nl * decoder_layer_flops(length, self.info, self.mlp_size)
+        s.kept_positions = [[int(i) for i in row if i >= 0] for row in kept.tolist()]
+        self.stats = s
+
+    def _end(self, backbone, args, kwargs, output):
+        for layer in list(self._flagged):
+            layer.masked_by = None
+        self._flagged = weakref.WeakSet()
+        p, self._pending = self._pending, None
+        if p is None or p["cache"] is None:
+            return output
+        s = self.stats
+        for i, layer, new in stand_for_prompt(p["cache"], p["kept"], p["length"], self.info.num_kv_heads, self):
+            s.kv_layers.append(i)
+            s.kv_entries_per_layer.append(s.prompt_tokens)
+            s.kv_kept_per_layer.append(s.kept_tokens)
+            s.kv_slots_per_layer.append(new.physical_length)
+            s.kv_bytes_before_per_layer.append(int(kv_bytes(layer) * p["length"] / max(layer.keys.shape[-2], 1)))
+            s.kv_bytes_after_per_layer.append(kv_bytes(new))
+        return output
+
+    def check_ran(self) -> None:
+        """After the model's forward: a call that carried images must have reached the rewrite."""
+        images, self._images = self._images, False
+        fired, self._fired = self._fired, False
+        if images and not fired:
+            raise NeverFiredError(f"the model ran with images but {self.method.name} never saw their visual tokens enter "
+                                  "the language model; is the prompt missing its image tokens?")

@@ -1,0 +1,187 @@
+"""Train the mini-LLaVA projector (DINOv2-S/14 + SmolLM2-135M-Instruct, both frozen).
+
+    python tools/train_minillava.py --steps 600 --out src/tokenreduce/assets/data
+
+Seeded; prints its time. The vision tower is frozen, so its features (second-to-last block, [CLS]
+dropped, 144 tokens) are computed once; each step then runs the projector and the frozen language
+model forward and backward on a batch, with the loss on the answer tokens only (one word and
+``<|im_end|>``). Batches follow a curriculum: one- and two-object scenes with easy-vqa first, then
+the full mix. Every ``--save-every`` steps the projector and its record (SHA-256, data, step,
+held-out first-token accuracy) are written to ``--out``, so a stopped run leaves its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def features(model, processor, images, batch: int = 32) -> torch.Tensor:
+    out = []
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            px = processor.pixel_values(images[i : i + batch])
+            hs = tower(px, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+            out.append(hs[:, 1:].to(torch.float16))
+    return torch.cat(out)
+
+
+def encode(processor, sample, with_answer: bool) -> tuple[list[int], int]:
+    """Prompt (+ answer + <|im_end|>) ids, and where the answer starts."""
+    ids = processor._ids(processor.prompt(sample["question"], True))
+    start = len(ids)
+    if with_answer:
+        ids = ids + processor.tokenizer.encode(sample["answer"] + "<|im_end|>", add_special_tokens=False)
+    return ids, start
+
+
+def batch_loss(model, processor, feats, samples, image_token_id):
+    """Cross-entropy of the answer tokens; right padding, so default positions are right."""
+    rows = [encode(processor, s, True) for s in samples]
+    width = max(len(r) for r, _ in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r, _ in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
+    embeds = model.model.language_model.embed_tokens(ids)
+    image = model.model.multi_modal_projector(feats.float())
+    embeds = embeds.masked_scatter((ids == image_token_id).unsqueeze(-1), image.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    pos, tgt = [], []
+    for b, (r, start) in enumerate(rows):
+        for t in range(start, len(r)):
+            pos.append((b, t - 1))
+            tgt.append(r[t])
+    h = torch.stack([hidden[b, t] for b, t in pos])
+    return F.cross_entropy(model.lm_head(h), torch.tensor(tgt))
+
+
+@torch.no_grad()
+def first_token_accuracy(model, processor, feats, samples, image_token_id, batch: int = 16) -> float:
+    correct = 0
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        rows = [encode(processor, s, False)[0] for s in chunk]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        embeds = model.model.language_model.embed_tokens(ids)
+        image = model.model.multi_modal_projector(feats[i : i + batch].float())
+        embeds = embeds.masked_scatter((ids == image_token_id).unsqueeze(-1), image)
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        last = torch.stack([hidden[b, len(r) - 1] for b, r in enumerate(rows)])
+        pred = model.lm_head(last).argmax(-1)
+        for s, p in zip(chunk, pred.tolist()):
+            correct += p == processor.tokenizer.encode(s["answer"], add_special_tokens=False)[0]
+    return correct / len(samples)
+
+
+def save(model, out: Path, record: dict) -> None:
+    from safetensors.torch import save_file
+
+    from tokenreduce.assets.minillava import CARD_FILE, PROJECTOR_FILE, _sha256
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    save_file(state, out / (PROJECTOR_FILE + ".tmp"))
+    (out / (PROJECTOR_FILE + ".tmp")).replace(out / PROJECTOR_FILE)
+    record = dict(record, sha256=_sha256(out / PROJECTOR_FILE))
+    (out / CARD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--warm-steps", type=int, default=150, help="curriculum: steps on easy scenes + easy-vqa")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--n-scenes", type=int, default=5000)
+    ap.add_argument("--n-easy-scenes", type=int, default=2000)
+    ap.add_argument("--n-easyvqa", type=int, default=3000)
+    ap.add_argument("--n-eval", type=int, default=96)
+    ap.add_argument("--save-every", type=int, default=25)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, default=None, help="start from these projector weights")
+    ap.add_argument("--out", type=Path, default=Path("src/tokenreduce/assets/data"))
+    args = ap.parse_args()
+
+    from tokenreduce.assets.minillava import IMAGE_TOKEN_ID, build_minillava
+    from tokenreduce.assets.vqa import samples
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    model, processor = build_minillava()
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        model.model.multi_modal_projector.load_state_dict(load_file(args.init))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    for p in projector.parameters():
+        p.requires_grad_(True)
+
+    data = {
+        "easy_scenes": samples("scenes", "train", args.n_easy_scenes, args.seed + 7, min_objects=1, max_objects=2),
+        "scenes": samples("scenes", "train", args.n_scenes, args.seed),
+        "easyvqa": samples("easyvqa", "train", args.n_easyvqa, args.seed),
+    }
+    held = {"scenes": samples("scenes", "test", args.n_eval), "easyvqa": samples("easyvqa", "test", args.n_eval)}
+    feats = {k: features(model, processor, [s["image"] for s in v]) for k, v in data.items()}
+    held_feats = {k: features(model, processor, [s["image"] for s in v]) for k, v in held.items()}
+    print(f"data and features: {time.time() - t0:.0f} s", flush=True)
+
+    opt = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    orders = {k: list(range(len(v))) for k, v in data.items()}
+    cursors = {k: len(v) for k, v in orders.items()}
+
+    def draw(name: str) -> int:
+        if cursors[name] >= len(orders[name]):
+            rng.shuffle(orders[name])
+            cursors[name] = 0
+        cursors[name] += 1
+        return orders[name][cursors[name] - 1]
+
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "log": []}
+    model.train()
+    t_train = time.time()
+    for step in range(1, args.steps + 1):
+        warm = step <= args.warm_steps
+        mix = {"easy_scenes": 0.5, "easyvqa": 0.5} if warm else {"scenes": 0.6, "easy_scenes": 0.15, "easyvqa": 0.25}
+        names = rng.choices(list(mix), weights=list(mix.values()), k=args.batch)
+        picks = [(n, draw(n)) for n in names]
+        lr = args.lr * min(1.0, step / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        f = torch.stack([feats[n][i] for n, i in picks])
+        loss = batch_loss(model, processor, f, [data[n][i] for n, i in picks], IMAGE_TOKEN_ID)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
+        opt.step()
+        if step % 5 == 0:
+            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - t_train:.0f} s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            model.eval()
+            acc = {k: first_token_accuracy(model, processor, held_feats[k], v, IMAGE_TOKEN_ID) for k, v in held.items()}
+            model.train()
+            record["log"].append({"step": step, "loss": loss.item(), "heldout_first_token": acc})
+            print(f"step {step} held-out first-token accuracy {acc}", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            record.update(step=step, train_seconds=round(time.time() - t_train), total_seconds=round(time.time() - t0))
+            save(model, args.out, record)
+    print(f"done: {args.steps} steps in {time.time() - t_train:.0f} s ({time.time() - t0:.0f} s total)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
