@@ -483,8 +483,13 @@ class LayerDropMethod(Method):
         raise NotImplementedError
 
     def score(self, attention: Tensor) -> Tensor:
-        """Scores [n] (higher kept) from the last query's softmax ``attention`` [H, n] over one sample's visual keys."""
-        return attention.mean(0)
+        """Scores [B, L] (higher kept; only visual tokens are ranked) from the last query's softmax ``attention``
+        [B, H, L] over the tokens present at the drop layer."""
+        return attention.mean(1)
+
+    def scoring_flops(self, length: int, info: DecoderInfo) -> float:
+        """FLOPs of scoring at one drop layer over ``length`` tokens, beyond what the model computes anyway."""
+        return 2.0 * info.num_heads * length * info.head_dim
 
     @staticmethod
     def mean_kept(schedule: list[tuple[int, float]], num_layers: int) -> float:

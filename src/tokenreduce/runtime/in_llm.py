@@ -1,0 +1,407 @@
+"""In-LLM stage: drop visual tokens inside a VLM's language model during the prefill (FastV, PyramidDrop).
+
+A `LayerDropMethod` names a schedule of drop layers ``K``. During a prefill whose prompt carries
+visual tokens (found from the input ids and the model's placeholder ids, captured by a pre-hook
+on the VLM's inner model), at each ``K`` the last prompt token's attention to the visual tokens
+still present ranks them, and from layer ``K`` on the hidden states hold only the kept ones:
+
+* scores come from Q and K only — the previous layer's own attention call (a routed listener
+  computes the one softmax row of the last query; SDPA stays SDPA), or layer ``K``'s norm, Q/K
+  projections and RoPE applied to its input (PyramidDrop's reference), GQA-correct;
+* a forward pre-hook on each layer ``>= K`` gives it the pruned hidden states' own mask
+  (causal over the kept tokens, padding masked; a padded slot sees only itself), positions and
+  rotary embeddings: kept tokens keep their original positions; no layer runs twice;
+* those layers' cache holds only the kept entries; after the prefill they become
+  `core.kv.CompressedLayer` s of the prompt's logical length, so ``generate`` continues, and at
+  each decoding step a listener gives every compressed layer its own mask.
+
+The language model's output covers the kept tokens only (``logits`` has the pruned length; the
+last position is still the prompt's last token, which ``generate`` reads). Samples of a batch
+keep their own counts and are left-padded. Models with sliding-window layers are refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..core.errors import BudgetError, NeverFiredError, StageError, UnsupportedModelError
+from ..core.kv import CompressedLayer, kv_bytes, layer_mask
+from ..core.method import LayerDropMethod
+from ..core.stats import Stats
+from ..core.undo import Undo
+from ..families.decoders import DecoderFamily, attention_modules, decoder_info, layer_types
+from ..families.vlms import VLMParts
+from ..scoring.attention import row_logits
+from ..scoring.rope import rotate
+from .kv_cache import mark_uniform
+from .prefill_filter import decoder_layer_flops
+from .routing import check_implementation, route
+
+
+@dataclass
+class InLLMStats(Stats):
+    """`Stats` plus the visual tokens each layer processed (means over the batch's samples)."""
+
+    visual_tokens: float = 0.0
+    visual_tokens_per_layer: list[float] = field(default_factory=list)
+    prompt_tokens: float = 0.0
+    no_visual_forwards: int = 0  # prompts without a visual token (text only): passed unchanged
+
+    @property
+    def kept_visual_fraction(self) -> float:
+        """Visual tokens kept, averaged over the layers, as a fraction of the prompt's (``keep_ratio``'s meaning)."""
+        if not self.visual_tokens or not self.visual_tokens_per_layer:
+            return 1.0
+        return sum(self.visual_tokens_per_layer) / len(self.visual_tokens_per_layer) / self.visual_tokens
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "visual_tokens": self.visual_tokens, "prompt_tokens": self.prompt_tokens,
+                "visual_tokens_per_layer": self.visual_tokens_per_layer,
+                "kept_visual_fraction": self.kept_visual_fraction}
+
+
+@dataclass
+class _Run:
+    """The running prefill's token layout: which prompt token each row holds, from the current layer on."""
+
+    index: Tensor  # [B, L] prompt position of each row, -1 = padded slot
+    visual: Tensor  # [B, L] bool
+    positions: Tensor  # [B, L] or [k, B, L]
+    embeddings: tuple  # (cos, sin) as the layers receive them
+    mask: object  # what the layers receive as attention_mask (the original, until the first drop)
+    length: int  # the prompt's (logical) length
+    visual_counts: Tensor  # [B] visual tokens of each sample at the start
+    dropped: bool = False
+    scores: Tensor | None = None  # [B, H, L] the last query's softmax attention, for the next drop
+    tokens_per_layer: list[float] = field(default_factory=list)
+    visual_per_layer: list[float] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    cache: Cache | None = None
+    index_at: dict = field(default_factory=dict)  # layer -> the index its cache entries come from
+
+    @property
+    def valid(self) -> Tensor:
+        return self.index >= 0
+
+
+def _take(t: Tensor, idx: Tensor, dim_from_end: int) -> Tensor:
+    """Gather ``t`` [..., B, L, (D)] along its sequence dim (``dim_from_end`` = 1 without a feature dim, 2 with)."""
+    seq = t.dim() - dim_from_end
+    b = idx.shape[0]
+    shape = list(t.shape)
+    shape[seq - 1] = b
+    t = t.expand(*shape)
+    view = [1] * t.dim()
+    view[seq - 1], view[seq] = b, idx.shape[1]
+    index = idx.clamp_min(0).reshape(view)
+    full = list(t.shape)
+    full[seq] = idx.shape[1]
+    return t.gather(seq, index.expand(*full))
+
+
+class InLLMAttachment:
+    """One in-LLM visual-token method attached to one VLM's language model."""
+
+    def __init__(self, model: nn.Module, parts: VLMParts, family: DecoderFamily, backbone: nn.Module,
+                 method: LayerDropMethod):
+        if backbone is not parts.language_model:
+            raise UnsupportedModelError(f"{method.name}: the decoder found is not the VLM's language model")
+        types = layer_types(backbone.config)
+        if any(t != "full_attention" for t in types):
+            raise UnsupportedModelError(f"{method.name} drops visual tokens in language models whose layers all use full "
+                                        f"attention; this {family.name} model has {sorted(set(types))} layers")
+        self.parts, self.method, self.backbone, self.family = parts, method, backbone, family
+        self.impl = check_implementation(backbone.config, method.name)
+        self.layers = list(family.layers(backbone))
+        self.attns = attention_modules(family, backbone)
+        self.info = decoder_info(family, backbone, tuple(range(len(self.layers))))
+        self.mlp_size = backbone.config.intermediate_size
+        self.schedule = method.schedule(self.info)
+        nl = len(self.layers)
+        for k, frac in self.schedule:
+            if not 1 <= k < nl:
+                raise StageError(f"{method!r}: drop layer {k} is outside this language model's layers 1..{nl - 1} "
+                                 f"({nl} layers)")
+        self.drops = dict(self.schedule)
+        if method.scores_from == "own" and parts.family.positions != "1d":
+            raise UnsupportedModelError(f"{method!r} scores with layer K's own projections and 1-D RoPE; this "
+                                        f"{parts.family.name} model uses M-RoPE: pass scores_from='previous'")
+        self.stats = InLLMStats()
+        self._run: _Run | None = None
+        self._ids: Tensor | None = None
+        self._images = False
+        self._fired = False
+        self._padding: Tensor | None = None
+        self._cache: Cache | None = None
+        self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
+        self._sig = inspect.signature(backbone.forward)
+        self._undo = Undo()
+        try:
+            self._attach()
+        except Exception:
+            self.remove()
+            raise
+
+    def _attach(self) -> None:
+        first = self.schedule[0][0]
+        for i, attn in enumerate(self.attns):
+            if i >= first or (i + 1 in self.drops and self.method.scores_from == "previous"):
+                route(attn, self, i, self._undo)
+        for i, layer in enumerate(self.layers):
+            if i >= first:
+                self._undo.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True).remove)
+        self._undo += [self.parts.inner.register_forward_pre_hook(self._capture, with_kwargs=True).remove,
+                       self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
+                       self.backbone.register_forward_hook(self._end, with_kwargs=True).remove]
+
+    def remove(self) -> None:
+        self._unflag()
+        self._run = None
+        self._undo.run()
+
+    def _unflag(self) -> None:
+        for layer in list(self._flagged):
+            layer.masked_by = None
+        self._flagged = weakref.WeakSet()
+
+    # ------------------------------------------------------------------ backbone hooks
+    def _capture(self, inner, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._ids = ids if isinstance(ids, Tensor) else None
+        self._images = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+
+    def _begin(self, backbone, args, kwargs):
+        self._unflag()
+        self._run = None
+        bound = self._sig.bind_partial(*args, **kwargs).arguments
+        kw = {k: v for k, v in bound.items() if k != "kwargs"}
+        kw.update(bound.get("kwargs", {}))
+        ids, self._ids = self._ids, None
+        mask = kw.get("attention_mask")
+        self._padding = mask.to(torch.bool) if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        cache = kw.get("past_key_values")
+        self._cache = cache
+        if isinstance(cache, Cache):
+            for layer in cache.layers:
+                if isinstance(layer, CompressedLayer) and getattr(layer, "dropped_by", None) is self:
+                    layer.masked_by = self
+                    self._flagged.add(layer)
+        embeds = kw.get("inputs_embeds")
+        if ids is None or embeds is None:
+            return None
+        if self.method.reduces_nothing:  # keep_ratio=1.0: fires, reduces nothing, the model's own path
+            self._fired = True
+            self.stats = InLLMStats(batch_size=ids.shape[0])
+            return None
+        visual = self.parts.visual_mask(ids)
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        if not bool(visual.any()):
+            if not past:  # a text-only prompt: nothing to drop (counted); decoding steps leave the stats alone
+                self.stats = InLLMStats(batch_size=ids.shape[0], no_visual_forwards=self.stats.no_visual_forwards + 1)
+            return None
+        if past:
+            raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache holding {past} "
+                             "tokens; prefill the image prompt in one forward")
+        if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
+            raise StageError(f"{self.method.name} needs the 2-D padding mask of the prompt (or none)")
+        b, n = ids.shape
+        valid = self._padding if self._padding is not None else torch.ones(b, n, dtype=torch.bool, device=ids.device)
+        visual = visual & valid
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = torch.arange(n, device=ids.device)[None]
+        self._run = _Run(index=torch.where(valid, torch.arange(n, device=ids.device)[None], -1), visual=visual,
+                         positions=pos, embeddings=None, mask=None, length=n, visual_counts=visual.sum(-1),
+                         cache=cache if isinstance(cache, Cache) else None)
+        self._budgets = {k: self._count(frac, self._run.visual_counts, k) for k, frac in self.schedule}
+        self._fired = True
+        return None
+
+    def _count(self, frac: float, counts: Tensor, layer: int) -> Tensor:
+        kept = torch.floor(counts.to(torch.float64) * frac + 1e-9).to(torch.long).clamp_min(1)
+        if bool((counts < 1).any()):
+            raise BudgetError(f"{self.method.name}: a sample of the batch has no visual token; every sample needs an image")
+        return kept
+
+    # ------------------------------------------------------------------ layers
+    def _make_layer_hook(self, i: int):
+        def hook(layer, args, kwargs):
+            run = self._run
+            if run is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if run.embeddings is None:  # the first hooked layer: what every layer receives in this forward
+                run.embeddings, run.mask = kwargs.get("position_embeddings"), kwargs.get("attention_mask")
+            if i in self.drops:
+                if self.method.scores_from == "own":
+                    run.scores = self._own_scores(i, layer, hidden, run)
+                hidden = self._drop(i, hidden, run)
+            self._record_layer(run)
+            if not run.dropped:
+                return None
+            new = dict(kwargs)
+            new["attention_mask"] = run.mask
+            new["position_embeddings"] = run.embeddings
+            new["position_ids"] = run.positions
+            run.index_at[i] = run.index
+            if args:
+                return (hidden, *args[1:]), new
+            new["hidden_states"] = hidden
+            return args, new
+        return hook
+
+    def _record_layer(self, run: _Run) -> None:
+        run.tokens_per_layer.append(float(run.valid.sum(-1).float().mean()))
+        run.visual_per_layer.append(float((run.visual & run.valid).sum(-1).float().mean()))
+        run.widths.append(run.index.shape[1])
+
+    def _own_scores(self, i: int, layer: nn.Module, hidden: Tensor, run: _Run) -> Tensor:
+        """PyramidDrop: layer i's norm, Q/K projections and RoPE on its input; the last query's softmax row."""
+        attn = self.attns[i]
+        b, n, _ = hidden.shape
+        hd = self.info.head_dim
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x[:, -1:]).view(b, 1, -1, hd)
+        k = attn.k_proj(x).view(b, n, -1, hd)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = run.embeddings
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        q, k = rotate(q, cos[:, -1:], sin[:, -1:]), rotate(k, cos, sin)
+        mask = run.valid[:, None, None, :]
+        logits = row_logits(q, k, mask, getattr(attn, "scaling", None), 0, 1, n)
+        return logits.softmax(-1)[:, :, 0]  # [B, H, L]
+
+    def _drop(self, i: int, hidden: Tensor, run: _Run) -> Tensor:
+        """Keep each sample's text tokens and its top visual tokens; rows left-padded."""
+        if run.scores is None:
+            raise NeverFiredError(f"{self.method.name}: no attention scores reached drop layer {i}")
+        budgets = self._budgets[i].to(hidden.device)
+        b, n = run.index.shape
+        present = run.visual & run.valid
+        score = self.method.score(run.scores).float().masked_fill(~present, float("-inf"))
+        order = score.sort(dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(n, device=order.device).expand(b, -1))
+        keep = run.valid & (~run.visual | (rank < budgets[:, None]))
+        counts = keep.sum(-1)
+        width = int(counts.max())
+        idx = torch.full((b, width), -1, dtype=torch.long, device=keep.device)  # left-padded compaction
+        src = torch.arange(n, device=keep.device)
+        for s in range(b):
+            idx[s, width - int(counts[s]):] = src[keep[s]]
+        run.index = torch.where(idx >= 0, _take(run.index, idx, 1), -1)
+        run.visual = torch.where(idx >= 0, _take(run.visual.long(), idx, 1), 0).bool()
+        pos = run.positions
+        run.positions = _take(pos, idx, 1)
+        cos, sin = run.embeddings
+        run.embeddings = (_take(cos, idx, 2), _take(sin, idx, 2))
+        run.mask = self._prefill_mask(run.valid, hidden.dtype)
+        run.dropped = True
+        run.scores = None
+        out = _take(hidden, idx, 2)
+        return out * (idx >= 0)[..., None].to(out.dtype)
+
+    def _prefill_mask(self, valid: Tensor, dtype) -> Tensor:
+        n = valid.shape[1]
+        own = layer_mask(valid, n) | (torch.eye(n, dtype=torch.bool, device=valid.device)[None, None]
+                                      & ~valid[:, None, :, None])
+        if self.impl == "eager":
+            return torch.zeros(own.shape, dtype=dtype, device=own.device).masked_fill(~own, torch.finfo(dtype).min)
+        return own
+
+    # ------------------------------------------------------------------ attention calls
+    def attend(self, index, module, query, key, value, attention_mask, proceed, **kwargs):
+        run = self._run
+        if run is not None:
+            if index + 1 in self.drops and self.method.scores_from == "previous":
+                q = query.shape[-2]
+                mask = attention_mask if run.dropped or attention_mask is not None else None
+                if mask is None and not bool(run.valid.all()):
+                    mask = run.valid[:, None, None, :]
+                logits = row_logits(query, key, mask, kwargs.get("scaling"), q - 1, q, key.shape[-2])
+                run.scores = logits.softmax(-1)[:, :, 0]  # [B, H, L]
+            return proceed(query, key, value, attention_mask, **kwargs)
+        cache = self._cache  # the attention function does not receive the cache: the backbone hook keeps it
+        layer = None
+        if isinstance(cache, Cache) and module.layer_idx < len(cache.layers):
+            layer = cache.layers[module.layer_idx]
+        if isinstance(layer, CompressedLayer) and getattr(layer, "dropped_by", None) is self:
+            valid = layer.cache_validity(self._padding)
+            if valid.shape[1] != key.shape[-2]:
+                raise StageError(f"layer {module.layer_idx}: the padding mask covers {valid.shape[1]} of its "
+                                 f"{key.shape[-2]} entries; pass a 2-D attention_mask over the whole sequence")
+            own = layer_mask(valid, query.shape[-2])
+            if self.impl == "eager":
+                own = torch.zeros(own.shape, dtype=query.dtype, device=own.device).masked_fill(
+                    ~own, torch.finfo(query.dtype).min)
+            attention_mask = own
+        return proceed(query, key, value, attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ after the backbone
+    def _end(self, backbone, args, kwargs, output):
+        self._unflag()
+        self._cache = None
+        run, self._run = self._run, None
+        if run is None:
+            return output
+        if not run.dropped:
+            raise NeverFiredError(f"{self.method.name}: the prompt had visual tokens but no drop layer ran; is the "
+                                  "language model truncated (config.num_hidden_layers)?")
+        s = InLLMStats(batch_size=run.index.shape[0], no_visual_forwards=self.stats.no_visual_forwards)
+        first = self.schedule[0][0]
+        valid0 = self._padding if self._padding is not None else None
+        prompt = float(valid0.sum(-1).float().mean()) if valid0 is not None else float(run.length)
+        vis0 = float(run.visual_counts.float().mean())
+        before = [prompt] * first
+        s.tokens_per_layer = before + run.tokens_per_layer
+        s.mlp_tokens_per_layer = list(s.tokens_per_layer)
+        s.visual_tokens_per_layer = [vis0] * first + run.visual_per_layer
+        s.visual_tokens, s.prompt_tokens = vis0, prompt
+        widths = [run.length] * first + run.widths
+        s.flops = sum(decoder_layer_flops(w, self.info, self.mlp_size) for w in widths)
+        s.scoring_flops = sum(self.method.scoring_flops(w, self.info) for w in
+                              [widths[k - 1] for k in self.drops])
+        s.flops += s.scoring_flops
+        s.flops_full = len(widths) * decoder_layer_flops(run.length, self.info, self.mlp_size)
+        cache = run.cache if run.cache is not None else getattr(output, "past_key_values", None)
+        if isinstance(cache, Cache):
+            self._compress_cache(cache, run, s)
+        self.stats = s
+        return output
+
+    def _compress_cache(self, cache: Cache, run: _Run, s: InLLMStats) -> None:
+        h = self.info.num_kv_heads
+        for i, layer in enumerate(cache.layers):
+            idx = run.index_at.get(i)
+            if idx is None:
+                continue
+            if type(layer) is not DynamicLayer or layer.keys.shape[-2] != idx.shape[1]:
+                raise StageError(f"layer {i} of the cache holds {getattr(layer, 'keys', None) is not None and layer.keys.shape[-2]}"
+                                 f" entries after the pruned prefill, expected {idx.shape[1]}")
+            valid = idx >= 0
+            new = CompressedLayer(layer.keys, layer.values, run.length, idx[:, None, :].expand(-1, h, -1),
+                                  None if bool(valid.all()) else valid)
+            new.dropped_by = self
+            cache.layers[i] = new
+            s.kv_layers.append(i)
+            s.kv_entries_per_layer.append(s.prompt_tokens)
+            s.kv_kept_per_layer.append(float(valid.sum(-1).float().mean()))
+            s.kv_slots_per_layer.append(idx.shape[1])
+            s.kv_bytes_before_per_layer.append(int(kv_bytes(layer) * run.length / max(idx.shape[1], 1)))
+            s.kv_bytes_after_per_layer.append(kv_bytes(new))
+        mark_uniform(cache)
+
+    def check_ran(self) -> None:
+        images, self._images = self._images, False
+        fired, self._fired = self._fired, False
+        if images and not fired:
+            raise NeverFiredError(f"the model ran with images but {self.method.name} never saw their visual tokens enter "
+                                  "the language model; is the prompt missing its image tokens?")
