@@ -43,6 +43,7 @@ import pytest
 import torch
 from conftest import IMAGE, main_output, pixels, tiny
 from tiny_lm import greedy, left_pad, prompt, tiny_lm
+from tiny_vlm import one, tiny_vlm, vlm_batch
 from torch import nn
 from transformers import DynamicCache
 
@@ -116,6 +117,7 @@ class Row:
     # further configurations held to the same contract, as test ids ``name+variant``: variant -> Row fields to
     # override (``params`` are merged into the row's)
     variants: dict = field(default_factory=dict)
+    vlm: str = ""  # a visual-token method: the tiny_vlm family its model is (inputs: image prompts)
 
 
 ALWAYS_FIRES_KV = ("a kv-cache method compresses at every prefill that runs through the attached decoder; the only "
@@ -125,7 +127,16 @@ ALWAYS_FIRES_ENC = ("plans at every block of any encoder it attaches to (no laye
 MERGE_STEP = ("keep_ratio solves an integer r per block (ToMe's schedule, nearest value): one step of r moves the "
               "mean by (1+2+3+4)/4/65 = 0.038 on 4 blocks of 65 tokens, so the nearest r is within half a step")
 
-GEMMA3 = lm("gemma3", layers=6)  # five sliding-window layers (left alone) and one global layer (compressed)
+GEMMA3 = lm("gemma3", layers=6)
+
+
+def vlm(family: str) -> Callable[[], nn.Module]:
+    """A tiny random VLM of tiny_vlm (3 tower blocks, 16 visual tokens per image, 3 language-model layers)."""
+    return functools.partial(tiny_vlm, family)
+
+
+ALWAYS_FIRES_VLM = ("reduces the visual tokens of every prompt that carries them; a text-only prompt is a documented "
+                    "no-op counted in the stats (no_visual_forwards), and layers out of range are refused at attach")  # five sliding-window layers (left alone) and one global layer (compressed)
 
 CONTRACT: dict[str, Row] = {
     # ------------------------------------------------------------------ encoder
@@ -177,6 +188,17 @@ CONTRACT: dict[str, Row] = {
     "gemfilter": Row(lm("llama", layers=3), dict(layer=1), keep_ratio=0.3,
                      never_fires="filters every prompt prefilled through the attached decoder (its layer is checked "
                                  "in range at attach time); only a forward that skips the decoder is silent"),
+    # ------------------------------------------------------------------ connector (visual tokens of a VLM)
+    "fastervlm": Row(vlm("llava"), {}, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
+                     variants={"dinov2": dict(model=vlm("llava_dinov2"), vlm="llava_dinov2"),
+                               "renumber": dict(params=dict(renumber=True))}),
+    "visionzip": Row(vlm("llava_dinov2"), {}, vlm="llava_dinov2", never_fires=ALWAYS_FIRES_VLM),
+    "visual_random": Row(vlm("llava"), dict(seed=3), vlm="llava", never_fires=ALWAYS_FIRES_VLM),
+    "visual_pool": Row(vlm("llava"), {}, keep_ratio=0.25, vlm="llava", never_fires=ALWAYS_FIRES_VLM),
+    # ------------------------------------------------------------------ decoder (visual tokens inside the LLM)
+    "fastv": Row(vlm("llava"), dict(k=1), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM),
+    "pyramiddrop": Row(vlm("llava"), dict(layers=[1, 2]), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
+                       variants={"previous": dict(params=dict(scores_from="previous"))}),
 }
 
 # Contracts the current code does not keep: (test, case id) -> precise reason. Each is a strict xfail: once the
@@ -361,6 +383,8 @@ def test_every_row_is_a_registered_method():
 def test_keep_ratio_one_is_bit_identical(cid):
     c = case(cid)
     model = c.model()
+    if c.row.vlm:
+        return _vlm_identity(c, model)
     with torch.no_grad():
         if c.stage == "encoder":
             x = c.row.images(2, 0)
@@ -415,7 +439,9 @@ def boom_at(call: int):
 
 def reduced(stats) -> bool:
     """Whether the last forward really reduced something (whatever the stage's stats hold)."""
-    if getattr(stats, "prompt_tokens", 0):  # prompt filtering
+    if hasattr(stats, "kept_visual_fraction"):  # visual tokens inside the language model
+        return stats.kept_visual_fraction < 1.0
+    if getattr(stats, "prompt_tokens", 0):  # prompt filtering and the connector
         return stats.kept_tokens < stats.prompt_tokens
     if stats.kv_kept_per_layer:  # kv-cache eviction
         return sum(stats.kv_kept_per_layer) < sum(stats.kv_entries_per_layer)
@@ -431,14 +457,23 @@ def test_restored_exactly_after_an_exception(cid):
     c = case(cid)
     model = c.model()
     enc = c.stage == "encoder"
+    if c.row.vlm:
+        inputs = one(vlm_batch(model, c.row.vlm, VLM_TEXTS), 0)
 
     def run():
+        if c.row.vlm:
+            return {"tokens": vlm_greedy(model, inputs, 3)}
         return encoder_outputs(model(x)) if enc else {"tokens": greedy(model, x, new=3)}
 
+    def logits():
+        return model(**inputs).logits if c.row.vlm else model(x).logits
+
+    # a VLM's language model (its last decoder layer), not its tower
+    target = last_block(model.model.language_model) if c.row.vlm else last_block(model)
     with torch.no_grad():
         x = c.row.images(2, 1) if enc else prompt(N)
-        ref = encoder_outputs(model(x)) if enc else {"logits": model(x).logits}
-        ref_tokens = None if enc else greedy(model, x, new=NEW)
+        ref = encoder_outputs(model(x)) if enc else {"logits": logits()}
+        ref_tokens = None if enc else (vlm_greedy(model, inputs, NEW) if c.row.vlm else greedy(model, x, new=NEW))
         m = c.method(model)  # set-up (calibration) may run the model through its own apply first
         with tr.apply(model, m) as h:
             ref_reduced = run()
@@ -447,7 +482,7 @@ def test_restored_exactly_after_an_exception(cid):
         # prefill and at the first decoding step
         for call in ((1,) if enc else (1, 2)):
             with pytest.raises(Boom), tr.apply(model, m):
-                hook = last_block(model).register_forward_hook(boom_at(call))
+                hook = target.register_forward_hook(boom_at(call))
                 try:
                     run()
                 finally:
@@ -455,7 +490,7 @@ def test_restored_exactly_after_an_exception(cid):
             assert_restored(model, before)
         # raised after forwards, the same attachment first going on after an aborted one
         with pytest.raises(Boom), tr.apply(model, m) as h:
-            hook = last_block(model).register_forward_hook(boom_at(1))
+            hook = target.register_forward_hook(boom_at(1))
             try:
                 with pytest.raises(Boom):
                     run()
@@ -472,8 +507,9 @@ def test_restored_exactly_after_an_exception(cid):
             out = encoder_outputs(model(x))
             assert out.keys() == ref.keys() and all(torch.equal(out[k], ref[k]) for k in ref)
         else:
-            assert torch.equal(model(x).logits, ref["logits"])
-            assert torch.equal(greedy(model, x, new=NEW), ref_tokens)
+            assert torch.equal(logits(), ref["logits"])
+            again = vlm_greedy(model, inputs, NEW) if c.row.vlm else greedy(model, x, new=NEW)
+            assert torch.equal(again, ref_tokens)
     assert_restored(model, before)
 
 
@@ -484,6 +520,8 @@ def test_batch_equals_samples_one_at_a_time(cid):
     if c.row.batch_invariant is not True:
         pytest.skip(c.row.batch_invariant)
     model = c.model()
+    if c.row.vlm:
+        return _vlm_batch(c, model)
     with torch.no_grad():
         m = c.method(model)
         if c.stage == "encoder":
@@ -662,7 +700,9 @@ def _filter_budget(c: Case):
 @pytest.mark.parametrize("cid", params_for("budget"))
 def test_budget_holds_its_documented_meaning(cid):
     c = case(cid)
-    if c.stage == "encoder":
+    if c.row.vlm:
+        _vlm_budget(c)
+    elif c.stage == "encoder":
         _encoder_budget(c)
     elif c.stage == "decoder":
         _filter_budget(c)
@@ -670,3 +710,62 @@ def test_budget_holds_its_documented_meaning(cid):
         _retrieval_budget(c)
     else:
         _kv_budget(c)
+
+
+# ---------------------------------------------------------------------------- visual-token methods (VLM rows)
+VLM_TEXTS = [(3, 5), (1, 2), (4, 7)]  # (text before, text after) the image of each sample of the batch
+
+
+def vlm_greedy(model, inputs: dict, new: int) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=0)[:, -new:]
+
+
+def _vlm_identity(c: Case, model) -> None:
+    batch = vlm_batch(model, c.row.vlm, VLM_TEXTS)
+    single = one(batch, 0)
+    with torch.no_grad():
+        ref = model(**single).logits
+        ref_one, ref_batch = vlm_greedy(model, single, NEW), vlm_greedy(model, batch, NEW)
+        with tr.apply(model, c.method(model, keep_ratio=1.0)):
+            out = model(**single).logits
+            got_one, got_batch = vlm_greedy(model, single, NEW), vlm_greedy(model, batch, NEW)
+    assert torch.equal(out, ref), "logits differ at keep_ratio=1.0"
+    assert torch.equal(got_one, ref_one) and torch.equal(got_batch, ref_batch), "generate differs at keep_ratio=1.0"
+
+
+def _vlm_batch(c: Case, model) -> None:
+    batch = vlm_batch(model, c.row.vlm, VLM_TEXTS)
+    with torch.no_grad(), tr.apply(model, c.method(model)) as h:
+        out = vlm_greedy(model, batch, NEW)
+        assert reduced_visual(h), "the reducing configuration reduced nothing"
+        singles = [vlm_greedy(model, one(batch, i), NEW)[0] for i in range(len(VLM_TEXTS))]
+    for i, s in enumerate(singles):
+        assert torch.equal(out[i], s), f"sample {i}: {out[i].tolist()} vs alone {s.tolist()}"
+
+
+def reduced_visual(h) -> bool:
+    s = next(iter(h.stats_by_stage.values()))
+    if hasattr(s, "kept_visual_tokens"):
+        return s.kept_visual_tokens < s.visual_tokens
+    return s.kept_visual_fraction < 1.0
+
+
+def _vlm_budget(c: Case) -> None:
+    """Connector: floor(n * keep_ratio) visual tokens kept per image (visual_pool: at most that, its grid's
+    largest pooled partition); decoder: visual tokens kept, averaged over the layers, close to keep_ratio (each
+    drop layer keeps floor(fraction * n))."""
+    model = c.model()
+    r = c.row.keep_ratio
+    batch = vlm_batch(model, c.row.vlm, VLM_TEXTS)
+    with torch.no_grad(), tr.apply(model, c.method(model)) as h:
+        model(**batch)
+        s = next(iter(h.stats_by_stage.values()))
+    n = s.visual_tokens
+    assert n == 16
+    if c.stage == "connector":
+        want = floor_budget(16, r)
+        assert s.kept_visual_tokens <= want and (s.kept_visual_tokens == want or c.name == "visual_pool"), \
+            (s.kept_visual_tokens, want)
+        assert s.kept_visual_tokens >= want / 2
+        return
+    assert abs(s.kept_visual_fraction - r) <= 1.0 / n, (s.visual_tokens_per_layer, r)  # floor: under a token

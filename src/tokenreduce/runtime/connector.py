@@ -125,7 +125,7 @@ class ConnectorAttachment:
         self._budgets: list[list[int]] | None = None
         self._tower: dict | None = None
         self._pending: dict | None = None
-        self._images = self._fired = False
+        self._images = self._fired = self._inner_ran = False
         self._cls_attn = None
         if method.needs_cls:
             self._route_tower(parts)
@@ -168,6 +168,7 @@ class ConnectorAttachment:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids, self._budgets = None, None  # the tower's rows stay: generate may run the tower before this call
         self._images = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        self._inner_ran = True
         if not isinstance(ids, Tensor):
             if self._images:
                 raise StageError(f"{self.method.name} finds visual tokens from input_ids; this call passed "
@@ -388,6 +389,10 @@ class ConnectorAttachment:
         """After the model's forward: a call that carried images must have reached the rewrite."""
         images, self._images = self._images, False
         fired, self._fired = self._fired, False
+        ran, self._inner_ran = self._inner_ran, False
+        if not ran:
+            raise NeverFiredError(f"the model ran but its vision-language model ({type(self.parts.inner).__name__}) did "
+                                  f"not, so {self.method.name} never fired; call the VLM the method is attached to")
         if images and not fired:
             raise NeverFiredError(f"the model ran with images but {self.method.name} never saw their visual tokens enter "
                                   "the language model; is the prompt missing its image tokens?")

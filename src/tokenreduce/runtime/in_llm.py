@@ -135,8 +135,7 @@ class InLLMAttachment:
         self.stats = InLLMStats()
         self._run: _Run | None = None
         self._ids: Tensor | None = None
-        self._images = False
-        self._fired = False
+        self._images = self._fired = self._inner_ran = False
         self._padding: Tensor | None = None
         self._cache: Cache | None = None
         self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
@@ -175,6 +174,7 @@ class InLLMAttachment:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, Tensor) else None
         self._images = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        self._inner_ran = True
 
     def _begin(self, backbone, args, kwargs):
         self._unflag()
@@ -402,6 +402,10 @@ class InLLMAttachment:
     def check_ran(self) -> None:
         images, self._images = self._images, False
         fired, self._fired = self._fired, False
+        ran, self._inner_ran = self._inner_ran, False
+        if not ran:
+            raise NeverFiredError(f"the model ran but its vision-language model ({type(self.parts.inner).__name__}) did "
+                                  f"not, so {self.method.name} never fired; call the VLM the method is attached to")
         if images and not fired:
             raise NeverFiredError(f"the model ran with images but {self.method.name} never saw their visual tokens enter "
                                   "the language model; is the prompt missing its image tokens?")
