@@ -65,6 +65,7 @@ class Handle:
     def _attach(self, model, by_stage: dict[str, list[Method]], track_source: bool) -> None:
         from ..families.decoders import find_decoder
         from ..families.encoders import find_encoders
+        from ..families.vlms import find_vlm
 
         if by_stage.get("encoder"):
             from .encoder import EncoderAttachment
@@ -74,26 +75,35 @@ class Handle:
                 raise UnsupportedModelError(
                     f"{type(model).__name__} holds {len(encoders)} encoders; attach to the vision tower itself")
             family, _owner, blocks, config = encoders[0]
-            cfg = getattr(model, "config", None)
+            vlm = find_vlm(model)
             reducing = [m for m in by_stage["encoder"] if not m.reduces_nothing]
-            if reducing and getattr(cfg, "vision_config", None) is not None and getattr(cfg, "text_config", None):
-                raise StageError(
-                    f"{reducing[0]!r} would change the number of visual tokens {type(model).__name__}'s vision tower "
-                    "hands its language model, whose prompt holds one image token per original feature. Reducing "
-                    "inside a vision-language model needs the connector stage, which rewrites the prompt (coming "
-                    "with the VLM stages); to use the reduced features directly, attach to the tower itself "
-                    "(e.g. model.model.vision_tower)")
+            if vlm is not None and reducing:
+                # inside a VLM the tower reduces before its select layer (the block whose output the projector reads);
+                # the connector stage then hands the language model the reduced visual tokens
+                from .connector import select_block
+
+                blocks = list(blocks)[:select_block(vlm.inner.config, len(blocks))]
+                if not blocks:
+                    raise StageError(f"{reducing[0]!r}: the tower's select layer is its first block; nothing to reduce")
+                track_source = True
             self._stages["encoder"] = EncoderAttachment(model, family, blocks, config, by_stage["encoder"], track_source)
         if by_stage.get("connector") or by_stage.get("decoder") or by_stage.get("kv-cache"):
             family, backbone = find_decoder(model)
             self._claim(backbone)
+        tower = self._stages.get("encoder") if by_stage.get("encoder") and any(
+            not m.reduces_nothing for m in by_stage["encoder"]) else None
+        if tower is not None and find_vlm(model) is not None and not by_stage.get("connector"):
+            family, backbone = find_decoder(model)  # the connector stage drops what the tower took away
+            self._claim(backbone)
+            by_stage["connector"] = [None]
         if by_stage.get("connector"):  # first: its backbone hook rewrites the prompt every later stage sees
             from ..families.vlms import require_vlm
             from .connector import ConnectorAttachment
 
             method = by_stage["connector"][0]
-            self._stages["connector"] = ConnectorAttachment(model, require_vlm(model, method.name), family, backbone,
-                                                            method)
+            parts = require_vlm(model, method.name if method is not None else "a tower reduction")
+            vlm_tower = tower if tower is not None and find_vlm(model) is not None else None
+            self._stages["connector"] = ConnectorAttachment(model, parts, family, backbone, method, vlm_tower)
         if by_stage.get("decoder"):  # before the kv stage: its backbone hook rewrites the prompt the kv stage sees
             method = by_stage["decoder"][0]
             if isinstance(method, LayerDropMethod):

@@ -27,6 +27,7 @@ A prompt without visual tokens (text only) passes unchanged and is counted in th
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -105,15 +106,31 @@ def select_block(config, num_blocks: int) -> int:
     return block
 
 
+class _KeepAll(ConnectorMethod):
+    """The connector's own pass when only the tower reduced: keep every visual token that reached the prompt."""
+
+    name = "tower reduction"
+    paper = "-"
+
+    def __init__(self):
+        super().__init__(keep_ratio=1.0)
+
+    def plan(self, ctx: VisualContext) -> Reduction:
+        return Reduction.identity(1, ctx.features.shape[0], device=ctx.features.device)
+
+
 class ConnectorAttachment:
     """One connector method attached to one VLM."""
 
     def __init__(self, model: nn.Module, parts: VLMParts, family: DecoderFamily, backbone: nn.Module,
-                 method: ConnectorMethod):
+                 method: ConnectorMethod | None, tower: "EncoderAttachment | None" = None):  # noqa: F821
+        """``method`` None: only drop what an encoder method in the tower (``tower``) took away."""
+        self.method = method if method is not None else _KeepAll()
         if backbone is not parts.language_model:
-            raise UnsupportedModelError(f"{method.name}: the decoder found ({type(backbone).__name__}) is not the VLM's "
-                                        f"language model ({type(parts.language_model).__name__})")
-        self.parts, self.method, self.backbone = parts, method, backbone
+            raise UnsupportedModelError(f"{self.method.name}: the decoder found ({type(backbone).__name__}) is not the "
+                                        f"VLM's language model ({type(parts.language_model).__name__})")
+        self.parts, self.backbone, self.encoder = parts, backbone, tower
+        method = self.method
         self.info = decoder_info(family, backbone, ())
         self.mlp_size = backbone.config.intermediate_size
         self.stats = ConnectorStats()
@@ -122,14 +139,15 @@ class ConnectorAttachment:
         self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
         self._sig = inspect.signature(backbone.forward)
         self._ids: Tensor | None = None
-        self._budgets: list[list[int]] | None = None
         self._tower: dict | None = None
         self._pending: dict | None = None
         self._images = self._fired = self._inner_ran = False
-        self._cls_attn = None
-        if method.needs_cls:
-            self._route_tower(parts)
+        self._tower_slots: list[Tensor] | None = None
         try:
+            if method.needs_cls or tower is not None:
+                self._route_tower(parts)
+            if tower is not None:
+                self._wrap_image_features(parts)
             self._undo += [parts.inner.register_forward_pre_hook(self._capture, with_kwargs=True).remove,
                            backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
                            backbone.register_forward_hook(self._end, with_kwargs=True).remove]
@@ -138,6 +156,14 @@ class ConnectorAttachment:
             raise
 
     def _route_tower(self, parts: VLMParts) -> None:
+        """Route the tower's select block (the [CLS] row) and, under a tower reduction, every block from it on (they
+        run unhooked on the reduced tokens and need the padding / proportional-attention bias)."""
+        if self.encoder is not None and not self.method.needs_cls:
+            fam, _owner, blocks, config = find_encoders(parts.tower)[0]
+            self._tower_block = select_block(parts.inner.config, len(blocks))
+            for i in range(self._tower_block, len(blocks)):
+                route(fam.attention(blocks[i]), self, i, self._undo)
+            return
         if not parts.family.cls_tower:
             raise UnsupportedModelError(f"{self.method.name} reads the tower's [CLS] attention, but the {parts.family.name} "
                                         f"tower has no [CLS] token; {CLS_METHODS_NOTE}")
@@ -147,7 +173,36 @@ class ConnectorAttachment:
             raise UnsupportedModelError(f"{self.method.name} reads the tower's [CLS] attention, but this {fam.name} tower "
                                         f"has no [CLS] token; {CLS_METHODS_NOTE}")
         self._tower_block = select_block(parts.inner.config, len(blocks))
-        route(fam.attention(blocks[self._tower_block]), self, 0, self._undo)
+        for i in range(self._tower_block, len(blocks) if self.encoder is not None else self._tower_block + 1):
+            route(fam.attention(blocks[i]), self, i, self._undo)
+
+    def _wrap_image_features(self, parts: VLMParts) -> None:
+        """Under a tower reduction the projector returns fewer features than the prompt has image tokens: put each
+        one at its earliest source patch's slot (zeros elsewhere, dropped by the rewrite), as the prompt expects."""
+        inner = parts.inner
+        original = inner.get_image_features
+        first = 0 if self.strategy == "full" else 1
+
+        @functools.wraps(original)  # generate reads its signature to pre-compute the features
+        def get_image_features(*args, **kwargs):
+            out = original(*args, **kwargs)
+            tokens = self.encoder.tokens
+            anchors = tokens.source.anchors()  # [I, M] input token each output token starts at
+            n = tokens.source.num_in - first
+            feats, slots = [], []
+            for i, f in enumerate(out.pooler_output):
+                a = anchors[i, first:first + f.shape[0]] - first
+                if tokens.valid is not None:
+                    a = torch.where(tokens.valid[i, first:first + f.shape[0]], a, -1)
+                full = f.new_zeros(n, f.shape[-1])
+                full[a[a >= 0]] = f[a >= 0]
+                feats.append(full)
+                slots.append(a)
+            out.pooler_output = feats
+            self._tower_slots = slots
+            return out
+
+        self._undo.set_instance_attr(inner, "get_image_features", get_image_features)
 
     def remove(self) -> None:
         for layer in list(self._flagged):
@@ -158,15 +213,21 @@ class ConnectorAttachment:
 
     # ------------------------------------------------------------------ the tower's select layer
     def attend(self, index, module, query, key, value, attention_mask, proceed, **kwargs):
-        scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-        self._tower = {"cls": cls_attention(query, key, attention_mask, scale), "keys": key}
+        if self.encoder is not None and self.encoder.tokens is not None:  # blocks after the tower's reductions
+            state = self.encoder.tokens
+            bias = state.key_bias(self.encoder.prop_attn and not state.uniform_sizes(), query.dtype)
+            if bias is not None:
+                attention_mask = bias if attention_mask is None else attention_mask + bias
+        if index == self._tower_block and self.method.needs_cls:
+            scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+            self._tower = {"cls": cls_attention(query, key, attention_mask, scale), "keys": key}
         return proceed(query, key, value, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ hooks
     def _capture(self, inner, args, kwargs):
         """The VLM's own forward: remember the ids, check the budgets before the tower runs."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self._ids, self._budgets = None, None  # the tower's rows stay: generate may run the tower before this call
+        self._ids = None  # the tower's rows stay: generate may run the tower before this call
         self._images = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
         self._inner_ran = True
         if not isinstance(ids, Tensor):
@@ -176,7 +237,9 @@ class ConnectorAttachment:
             return None
         self._ids = ids
         runs = visual_runs(self.parts.visual_mask(ids))
-        self._budgets = [[int(self.method.budgets(torch.tensor([e - s]))[0]) for s, e in r] for r in runs]
+        for r in runs:  # budget errors before the tower runs (a tower reduction may leave fewer: checked again)
+            for s, e in r:
+                self.method.budgets(torch.tensor([e - s]))
         return None
 
     def _begin(self, backbone, args, kwargs):
@@ -210,9 +273,8 @@ class ConnectorAttachment:
         """The whole prompt's map [B, L] -> [B, M]: text tokens kept, each image reduced by the method."""
         b, length = ids.shape
         runs = visual_runs(visual)
-        budgets = self._budgets if self._budgets is not None else [
-            [int(self.method.budgets(torch.tensor([e - s]))[0]) for s, e in r] for r in runs]
         tower = self._tower_rows(runs)
+        slots_by_image, self._tower_slots = self._tower_slots, None
         seed = getattr(self.method, "seed", None)
         dest = torch.full((b, length), -1, dtype=torch.long)
         coef = torch.zeros(b, length, dtype=torch.float32)
@@ -221,14 +283,25 @@ class ConnectorAttachment:
         for s_i, sample_runs in enumerate(runs):
             slots: list[tuple[int, list[tuple[int, float]]]] = []  # (anchor, [(source, weight)])
             in_run = torch.zeros(length, dtype=torch.bool)
-            for r_i, (s, e) in enumerate(sample_runs):
+            for s, e in sample_runs:
                 in_run[s:e] = True
-                n = e - s
-                grid = square_grid(n) if self.strategy != "full" else square_grid(n - 1)
-                ctx = VisualContext(features=embeds[s_i, s:e], budget=budgets[s_i][r_i], grid=grid,
+                order = torch.arange(e - s)  # the image's tokens that reached the prompt, by position
+                if slots_by_image is not None:  # a tower reduction left fewer, at their earliest patch's slot
+                    a = slots_by_image[image].cpu()
+                    real = (a >= 0).nonzero().flatten()
+                    order = real[a[real].argsort()]
+                    positions = a[order]
+                else:
+                    positions = order
+                n = order.numel()
+                grid = None if slots_by_image is not None else square_grid(n) if self.strategy != "full" \
+                    else square_grid(n - 1)
+                budget = int(self.method.budgets(torch.tensor([n]))[0])
+                ctx = VisualContext(features=embeds[s_i, s + positions.to(embeds.device)], budget=budget, grid=grid,
                                     generator=generator_for(seed, "cpu"))  # per image: a batch = its samples alone
                 if tower is not None:
-                    ctx.cls_attention, ctx.tower_keys = tower[image]
+                    cls, keys = tower[image]
+                    ctx.cls_attention, ctx.tower_keys = cls[:, order.to(cls.device)], keys[:, order.to(keys.device)]
                 image += 1
                 red = self.method.plan(ctx)
                 planning += self.method.scoring_flops(n, ctx)
@@ -240,7 +313,7 @@ class ConnectorAttachment:
                     if a[m] < 0:
                         continue
                     members = (d == m).nonzero().flatten().tolist()
-                    slots.append((s + int(a[m]), [(s + j, float(c[j])) for j in members]))
+                    slots.append((s + int(positions[a[m]]), [(s + int(positions[j]), float(c[j])) for j in members]))
             real = self._valid[s_i]
             for t in range(length):
                 if not in_run[t] and bool(real[t]):
@@ -258,7 +331,7 @@ class ConnectorAttachment:
         return Reduction(num_out=width, dest=dest.to(dev), coef=coef.to(dev)), [planning / max(b, 1)]
 
     def _tower_rows(self, runs) -> list[tuple[Tensor, Tensor]] | None:
-        """Per image, the [CLS] attention [H, n] and keys [H, n, D] of its visual tokens."""
+        """Per image, the [CLS] attention [H, n] and keys [H, n, D] of its visual tokens (in feature order)."""
         if not self.method.needs_cls:
             return None
         if self._tower is None:
@@ -268,11 +341,11 @@ class ConnectorAttachment:
         self._tower = None  # used once
         first = 0 if self.strategy == "full" else 1
         sizes = [e - s for r in runs for s, e in r]
-        tokens = cls.shape[-1] - first
-        if len(sizes) != cls.shape[0] or any(n != tokens for n in sizes):
-            raise StageError(f"{self.method.name} maps each run of image tokens to one tower image of {tokens} tokens; "
-                             f"this prompt has runs of {sizes} tokens for {cls.shape[0]} images (tiled or multi-crop "
-                             f"images are not supported for [CLS] scoring; {CLS_METHODS_NOTE})")
+        if len(sizes) != cls.shape[0] or (self.encoder is None and any(n != cls.shape[-1] - first for n in sizes)):
+            raise StageError(f"{self.method.name} maps each run of image tokens to one tower image of "
+                             f"{cls.shape[-1] - first} tokens; this prompt has runs of {sizes} tokens for "
+                             f"{cls.shape[0]} images (tiled or multi-crop images are not supported for [CLS] scoring; "
+                             f"{CLS_METHODS_NOTE})")
         return [(cls[i, :, first:], keys[i, :, first:]) for i in range(cls.shape[0])]
 
     def _rewrite(self, kw: dict, ids: Tensor, visual: Tensor, embeds: Tensor, cache) -> dict:
