@@ -121,10 +121,16 @@ def test_tome_in_a_llava_tower_survives_generate_at_keep_ratio_one():
     assert torch.equal(got, want)
 
 
-def test_reducing_inside_a_vlm_tower_is_refused_until_the_connector_stage():
-    """The language model's prompt holds one image token per tower feature; a raw transformers error otherwise."""
-    with pytest.raises(tr.StageError, match="connector stage"):
-        tr.patch(tiny_llava(), tr.get_method("tome", r=1))
+def test_reducing_inside_a_vlm_tower_hands_the_language_model_fewer_tokens():
+    """Observed: transformers raised "Image features and image tokens do not match". The tower reduces before its
+    select layer and the connector stage drops the slots the merged tokens left, so generate runs."""
+    model = tiny_llava()
+    inputs = llava_inputs(model)
+    with torch.no_grad(), tr.apply(model, tr.get_method("tome", r=2)) as h:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        s = h.stats_by_stage["connector"]
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert s.visual_tokens == 17 and s.kept_visual_tokens == 17 - 2  # [CLS] + 16 patches; r=2 at block 0
 
 
 class _TowerAndLM(torch.nn.Module):

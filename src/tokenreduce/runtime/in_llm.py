@@ -52,6 +52,7 @@ class InLLMStats(Stats):
     visual_tokens_per_layer: list[float] = field(default_factory=list)
     prompt_tokens: float = 0.0
     no_visual_forwards: int = 0  # prompts without a visual token (text only): passed unchanged
+    kept_positions: dict = field(default_factory=dict)  # drop layer -> per sample, prompt positions kept from it on
 
     @property
     def kept_visual_fraction(self) -> float:
@@ -84,6 +85,7 @@ class _Run:
     widths: list[int] = field(default_factory=list)
     cache: Cache | None = None
     index_at: dict = field(default_factory=dict)  # layer -> the index its cache entries come from
+    kept_at: dict = field(default_factory=dict)  # drop layer -> per sample, the prompt positions kept
 
     @property
     def valid(self) -> Tensor:
@@ -304,6 +306,7 @@ class InLLMAttachment:
         cos, sin = run.embeddings
         run.embeddings = (_take(cos, idx, 2), _take(sin, idx, 2))
         run.mask = self._prefill_mask(run.valid, hidden.dtype)
+        run.kept_at[i] = [[int(p) for p in row if p >= 0] for row in run.index.tolist()]
         run.dropped = True
         run.scores = None
         out = _take(hidden, idx, 2)
@@ -365,6 +368,7 @@ class InLLMAttachment:
         s.mlp_tokens_per_layer = list(s.tokens_per_layer)
         s.visual_tokens_per_layer = [vis0] * first + run.visual_per_layer
         s.visual_tokens, s.prompt_tokens = vis0, prompt
+        s.kept_positions = run.kept_at
         widths = [run.length] * first + run.widths
         s.flops = sum(decoder_layer_flops(w, self.info, self.mlp_size) for w in widths)
         s.scoring_flops = sum(self.method.scoring_flops(w, self.info) for w in
