@@ -247,3 +247,42 @@ def test_an_unsupported_vlm_family_names_the_supported_ones():
 
     with pytest.raises(tr.UnsupportedModelError, match="unsupported family.*Qwen2-VL"):
         tr.patch(Other(), tr.get_method("visual_random", keep_ratio=0.5))
+
+
+# ---------------------------------------------------------------------------- every VLM family
+FAMILIES = ["llava", "llava_dinov2", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3",
+            "smolvlm", "gemma3"]
+
+
+def family_methods(name: str):
+    mrope = name.startswith("qwen")
+    return [("visual_random", {}), ("fastv", dict(k=1)),
+            ("pyramiddrop", dict(layers=[1, 2], scores_from="previous" if mrope else "own"))]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_keep_ratio_one_is_bit_identical_and_a_padded_batch_is_its_samples(name):
+    """Visual spans found from the ids (image newlines, begin/end tokens, M-RoPE positions, Gemma 3's mask dict,
+    Qwen3-VL's deepstack features): at keep_ratio=1.0 the logits are the model's bit for bit, and a left-padded batch
+    of three prompts of different lengths generates what each prompt generates alone."""
+    model = tiny_vlm(name)
+    batch = vlm_batch(model, name, TEXTS)
+    with torch.no_grad():
+        want = model(**batch).logits
+        for method, kw in family_methods(name):
+            with tr.apply(model, tr.get_method(method, keep_ratio=1.0, **kw)):
+                assert torch.equal(model(**batch).logits, want), method
+            with tr.apply(model, tr.get_method(method, keep_ratio=0.6, **kw)) as h:
+                out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, -4:]
+                s = next(iter(h.stats_by_stage.values()))
+                singles = [model.generate(**one(batch, i), max_new_tokens=4, do_sample=False, pad_token_id=0)[0, -4:]
+                           for i in range(len(TEXTS))]
+            kept = s.kept_visual_tokens if hasattr(s, "kept_visual_tokens") else s.visual_tokens_per_layer[-1]
+            assert kept < s.visual_tokens, method
+            for i, single in enumerate(singles):
+                assert torch.equal(out[i], single), (method, i)
+
+
+def test_pyramiddrop_own_scores_refuse_m_rope_with_the_fix():
+    with pytest.raises(tr.UnsupportedModelError, match="scores_from='previous'"):
+        tr.patch(tiny_vlm("qwen2_vl"), tr.get_method("pyramiddrop", layers=[1, 2], keep_ratio=0.6))

@@ -3,7 +3,7 @@
     tokenreduce list                      registered methods and their papers
     tokenreduce bench vit [options]       DINOv2-S: accuracy / fidelity / FLOPs / throughput per method and budget
     tokenreduce bench kv [options]        SmolLM2: long-context recall, KV bytes, prefill/decode time per method and ratio
-    tokenreduce bench vlm                 (not implemented yet)
+    tokenreduce bench vlm [options]       mini-LLaVA: VQA accuracy / FLOPs by stage / prefill time per visual-token method
 
 Exit status: 0 on success, 2 for a usage error (unknown method, budget out of range, ...),
 1 when a run fails.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main", "build_parser", "methods_table"]
@@ -127,8 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.set_defaults(subparser=k)
 
-    s = bsub.add_parser("vlm", help="vlm benchmark (not implemented yet)")
-    s.add_argument("args", nargs=argparse.REMAINDER)
+    s = bsub.add_parser("vlm", help="mini-LLaVA VQA: accuracy, visual tokens, FLOPs by stage, prefill time",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", default="minillava", help="the bundled VLM")
+    s.add_argument("--task", default="scenes", choices=("easyvqa", "scenes"), help="held-out questions of this task")
+    s.add_argument("--methods", type=_comma_names,
+                   default=["fastervlm", "visionzip", "visual_random", "visual_pool", "fastv", "pyramiddrop"],
+                   help="comma-separated connector / in-LLM methods")
+    s.add_argument("--budgets", type=_comma_floats, default=[0.5, 0.25, 0.1],
+                   help="comma-separated keep_ratio budgets: the fraction of visual tokens kept")
+    s.add_argument("--n", type=_positive_int, default=200, help="questions")
+    s.add_argument("--batch-size", type=_positive_int, default=16)
+    s.add_argument("--pictures", type=int, default=3, help="samples per method drawn with their kept tokens")
+    s.add_argument("--timing-repeats", type=_positive_int, default=3, help="paired prefill timings per method")
+    s.add_argument("--no-timing", action="store_true", help="skip prefill / decode timing and memory")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="results/vlm", help="output folder (results.jsonl, results.md, pareto.png, kept/)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(subparser=s)
     return parser
 
 
@@ -209,6 +226,27 @@ def _bench_kv(args, parser) -> int:
     return 0
 
 
+def _bench_vlm(args, parser) -> int:
+    from .bench.runner import check_keep_ratios
+    from .bench.vlm import VLMBenchConfig, check_methods, run_vlm_bench
+    from .core.errors import TokenReduceError
+
+    try:  # usage errors first, before anything slow
+        methods = check_methods(args.methods)
+        budgets = check_keep_ratios(args.budgets, "budget", "the fraction of visual tokens kept", "--budgets 0.5,0.25")
+    except TokenReduceError as e:
+        parser.error(str(e))
+    cfg = VLMBenchConfig(model=args.model, task=args.task, methods=methods, budgets=budgets, n=args.n,
+                         batch_size=args.batch_size, timing=not args.no_timing, timing_repeats=args.timing_repeats,
+                         pictures=args.pictures, seed=args.seed, out=args.out)
+    t0 = time.perf_counter()
+    run_vlm_bench(cfg, progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"\nwrote {args.out}/results.jsonl, results.md, pareto.png, kept/ in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -226,9 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_vit(args, args.subparser)
         if args.bench == "kv":
             return _bench_kv(args, args.subparser)
-        print(f"tokenreduce: error: `tokenreduce bench {args.bench}` is not implemented yet; "
-              "available: `tokenreduce bench vit`, `tokenreduce bench kv`", file=sys.stderr)
-        return 2
+        return _bench_vlm(args, args.subparser)
     except (TokenReduceError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"tokenreduce: error: {e}", file=sys.stderr)
         return 1

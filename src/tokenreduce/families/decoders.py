@@ -38,8 +38,15 @@ PHI3 = DecoderFamily("phi3", ("Phi3Model",), ("Phi3Attention",))  # fused qkv pr
 # scale (query_pre_attn_scalar) reaches our function as ``scaling``, its q/k norms come before, as Qwen3's.
 GEMMA3 = DecoderFamily("gemma3", ("Gemma3TextModel",), ("Gemma3Attention",))
 
-DECODER_FAMILIES: tuple[DecoderFamily, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA3)
-SUPPORTED_DECODERS = "Llama (SmolLM2), Qwen2, Qwen3, Mistral, Phi3, Gemma3 (*ForCausalLM or the bare *Model)"
+# the language models of Qwen's VLMs: M-RoPE positions [3 or 4, B, L] (rotated inside the attention module)
+QWEN2_VL = DecoderFamily("qwen2_vl", ("Qwen2VLTextModel",), ("Qwen2VLAttention",))
+QWEN2_5_VL = DecoderFamily("qwen2_5_vl", ("Qwen2_5_VLTextModel",), ("Qwen2_5_VLAttention",))
+QWEN3_VL = DecoderFamily("qwen3_vl", ("Qwen3VLTextModel",), ("Qwen3VLTextAttention",))
+
+DECODER_FAMILIES: tuple[DecoderFamily, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA3, QWEN2_VL, QWEN2_5_VL,
+                                               QWEN3_VL)
+SUPPORTED_DECODERS = ("Llama (SmolLM2), Qwen2, Qwen3, Mistral, Phi3, Gemma3 (*ForCausalLM or the bare *Model), and the "
+                      "language models of Qwen2-VL, Qwen2.5-VL, Qwen3-VL")
 
 
 def find_decoder(model: nn.Module) -> tuple[DecoderFamily, nn.Module]:

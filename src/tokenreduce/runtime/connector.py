@@ -228,7 +228,8 @@ class ConnectorAttachment:
         """The VLM's own forward: remember the ids, check the budgets before the tower runs."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = None  # the tower's rows stay: generate may run the tower before this call
-        self._images = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        self._images = (kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+                        or bool(kwargs.get("mm_encoder_outputs")))  # generate may run the tower before the call
         self._inner_ran = True
         if not isinstance(ids, Tensor):
             if self._images:
@@ -252,7 +253,7 @@ class ConnectorAttachment:
         if isinstance(cache, Cache) and any(getattr(l, "rewritten_by", None) is self for l in cache.layers):
             q = embeds.shape[1] if embeds is not None else kw["input_ids"].shape[1]
             b = embeds.shape[0] if embeds is not None else kw["input_ids"].shape[0]
-            if ids is not None and bool(self.parts.visual_mask(ids).any()):
+            if ids is not None and self._images and bool(self.parts.visual_mask(ids).any()):
                 raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache; send the "
                                  "image in the first forward of the prompt")
             return (), continue_prompt(kw, cache, b, q, self, self._flagged, self.method.name)
@@ -263,6 +264,8 @@ class ConnectorAttachment:
             self.stats = ConnectorStats(batch_size=ids.shape[0], no_visual_forwards=self.stats.no_visual_forwards + 1)
             return None
         if isinstance(cache, Cache) and cache.get_seq_length() > 0:
+            if not self._images:  # a generated token that happens to be a placeholder id: text
+                return None
             raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache holding "
                              f"{cache.get_seq_length()} tokens; prefill the image prompt in one forward")
         self._fired = True

@@ -139,6 +139,7 @@ class InLLMAttachment:
         self._ids: Tensor | None = None
         self._images = self._fired = self._inner_ran = False
         self._padding: Tensor | None = None
+        self._inner_mask: Tensor | None = None
         self._cache: Cache | None = None
         self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
         self._sig = inspect.signature(backbone.forward)
@@ -157,9 +158,28 @@ class InLLMAttachment:
         for i, layer in enumerate(self.layers):
             if i >= first:
                 self._undo.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True).remove)
+        if self.parts.family.deepstack and hasattr(self.backbone, "_deepstack_process"):
+            self._wrap_deepstack()
         self._undo += [self.parts.inner.register_forward_pre_hook(self._capture, with_kwargs=True).remove,
                        self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
                        self.backbone.register_forward_hook(self._end, with_kwargs=True).remove]
+
+    def _wrap_deepstack(self) -> None:
+        """Qwen3-VL adds early tower layers' features to the visual tokens after its first layers; once visual tokens
+        are dropped, the positions and features it adds must follow the kept ones."""
+        original = self.backbone._deepstack_process
+
+        def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+            run = self._run
+            if run is None or not run.dropped or visual_pos_masks.shape[1] == hidden_states.shape[1]:
+                return original(hidden_states, visual_pos_masks, visual_embeds)
+            full = visual_embeds.new_zeros(*visual_pos_masks.shape, visual_embeds.shape[-1])
+            full[visual_pos_masks] = visual_embeds
+            idx = run.index
+            mask = torch.where(idx >= 0, _take(visual_pos_masks.long(), idx, 1), 0).bool()
+            return original(hidden_states, mask, _take(full, idx, 2)[mask])
+
+        self._undo.set_instance_attr(self.backbone, "_deepstack_process", deepstack_process)
 
     def remove(self) -> None:
         self._unflag()
@@ -175,7 +195,10 @@ class InLLMAttachment:
     def _capture(self, inner, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, Tensor) else None
-        self._images = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        mask = kwargs.get("attention_mask")
+        self._inner_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self._images = (kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+                        or bool(kwargs.get("mm_encoder_outputs")))  # generate may run the tower before the call
         self._inner_ran = True
 
     def _begin(self, backbone, args, kwargs):
@@ -186,6 +209,8 @@ class InLLMAttachment:
         kw.update(bound.get("kwargs", {}))
         ids, self._ids = self._ids, None
         mask = kw.get("attention_mask")
+        if isinstance(mask, dict):  # Gemma 3: the VLM built its 4-D masks; the padding is its caller's 2-D mask
+            mask = self._inner_mask
         self._padding = mask.to(torch.bool) if isinstance(mask, Tensor) and mask.dim() == 2 else None
         cache = kw.get("past_key_values")
         self._cache = cache
@@ -208,6 +233,8 @@ class InLLMAttachment:
                 self.stats = InLLMStats(batch_size=ids.shape[0], no_visual_forwards=self.stats.no_visual_forwards + 1)
             return None
         if past:
+            if not self._images:  # a generated token that happens to be a placeholder id: text
+                return None
             raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache holding {past} "
                              "tokens; prefill the image prompt in one forward")
         if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
@@ -305,17 +332,29 @@ class InLLMAttachment:
         run.positions = _take(pos, idx, 1)
         cos, sin = run.embeddings
         run.embeddings = (_take(cos, idx, 2), _take(sin, idx, 2))
-        run.mask = self._prefill_mask(run.valid, hidden.dtype)
+        run.mask = self._prefill_mask(run.mask, idx, run.valid, hidden.dtype)
         run.kept_at[i] = [[int(p) for p in row if p >= 0] for row in run.index.tolist()]
         run.dropped = True
         run.scores = None
         out = _take(hidden, idx, 2)
         return out * (idx >= 0)[..., None].to(out.dtype)
 
-    def _prefill_mask(self, valid: Tensor, dtype) -> Tensor:
+    def _prefill_mask(self, mask, idx: Tensor, valid: Tensor, dtype) -> Tensor:
+        """The kept rows' mask: the layers' own 4-D mask gathered to the kept rows and columns (so Gemma 3's
+        bidirectional image blocks stay), or a causal one when the layers had none (SDPA without padding); padded
+        columns masked, a padded row sees only itself (no empty softmax row)."""
         n = valid.shape[1]
-        own = layer_mask(valid, n) | (torch.eye(n, dtype=torch.bool, device=valid.device)[None, None]
-                                      & ~valid[:, None, :, None])
+        pad_row = torch.eye(n, dtype=torch.bool, device=valid.device)[None, None] & ~valid[:, None, :, None]
+        if isinstance(mask, Tensor) and mask.dim() == 4:
+            b, h = idx.shape[0], mask.shape[1]
+            i = idx.clamp_min(0)
+            rows = mask.expand(b, -1, -1, -1).gather(2, i[:, None, :, None].expand(-1, h, -1, mask.shape[-1]))
+            m = rows.gather(3, i[:, None, None, :].expand(-1, h, n, -1))
+            if m.dtype == torch.bool:
+                return (m & valid[:, None, None, :]) | pad_row
+            m = m.masked_fill(~valid[:, None, None, :], torch.finfo(m.dtype).min)
+            return m.masked_fill(pad_row, 0.0)
+        own = layer_mask(valid, n) | pad_row
         if self.impl == "eager":
             return torch.zeros(own.shape, dtype=dtype, device=own.device).masked_fill(~own, torch.finfo(dtype).min)
         return own

@@ -1,0 +1,386 @@
+"""``tokenreduce bench vlm``: visual-token methods on the mini-LLaVA, side by side with the full model.
+
+For one task (``easyvqa`` or ``scenes``, `assets.vqa`, held-out split) and every (method,
+budget) cell — connector methods (FasterVLM, VisionZip, random, pooling) and in-LLM methods
+(FastV, PyramidDrop) — the same questions are answered by greedy ``generate`` (batches of
+left-padded prompts) and scored by their first word. Every table has the full model's row
+(``method: "full"``) and the blind row (``"blind"``: the same questions without the image).
+
+Columns: accuracy; visual tokens the language model processed (per layer for in-LLM methods,
+their mean over layers — ``keep_ratio``'s meaning); analytic FLOPs per sample by stage (tower,
+projector, language-model prefill with the methods' scoring counted) and their ratio to the
+full model; the prefill time ratio to the full model, measured side by side on one batch
+(`runner.PairedTimer`, with the spread of the per-pair ratios); decode tokens/s ratio (same
+pairing, on generate's steps after the prefill); KV-cache bytes after the prefill; peak memory.
+Pictures of the kept visual tokens over the image (``kept/``) for a few samples per method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..core.errors import StageError
+from ..core.stats import vit_attention_flops, vit_mlp_flops
+from ..runtime.prefill_filter import decoder_layer_flops
+from .report import Column
+from .runner import (
+    FULL,
+    Cell,
+    Grid,
+    PairedTimer,
+    SpreadColumn,
+    Task,
+    Unit,
+    build_grid,
+    check_attachable,
+    check_keep_ratios,
+    environment,
+    environment_note,
+    run_grid,
+    spread_note,
+    write_markdown_report,
+)
+
+BLIND = "blind"
+FULL_NAME = "full"
+NEW_TOKENS = 3
+
+
+@dataclass
+class VLMBenchConfig:
+    model: str = "minillava"
+    task: str = "scenes"
+    methods: Sequence[str] = ("fastervlm", "visionzip", "visual_random", "visual_pool", "fastv", "pyramiddrop")
+    budgets: Sequence[float] = (0.5, 0.25, 0.1)
+    n: int = 200
+    batch_size: int = 16
+    timing: bool = True
+    timing_repeats: int = 3
+    pictures: int = 3
+    seed: int = 0
+    out: str | None = "results/vlm"
+    method_params: dict = field(default_factory=dict)  # name -> extra get_method kwargs
+
+
+def vlm_method_names() -> list[str]:
+    from ..core.registry import list_methods
+
+    return [i.name for i in list_methods() if i.stage == "connector"] + ["fastv", "pyramiddrop"]
+
+
+def check_methods(names: Sequence[str]) -> list[str]:
+    from ..core.registry import list_methods
+
+    stages = {i.name: i.stage for i in list_methods()}
+    known = ", ".join(vlm_method_names())
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise StageError(f"no methods given; known visual-token methods: {known}")
+    for n in names:
+        if n in (FULL, FULL_NAME, BLIND):
+            raise StageError("the full model and the blind (image removed) rows are always measured; list methods only")
+        if n not in stages:
+            raise StageError(f"unknown method {n!r}; known visual-token methods: {known}")
+        if n not in vlm_method_names():
+            raise StageError(f"method {n!r} works at the {stages[n]} stage, not on visual tokens; known: {known}")
+    if len(set(names)) != len(names):
+        raise StageError(f"method listed twice: {', '.join(names)}")
+    return names
+
+
+# ---------------------------------------------------------------------------- analytic FLOPs
+def tower_flops(model, visual_tokens: int) -> tuple[float, float]:
+    """(tower, projector) FLOPs per image: every tower block on [CLS] + patches, the 2-layer projector."""
+    vc = model.config.vision_config
+    tokens = visual_tokens + 1
+    hidden, mlp = vc.hidden_size, vc.hidden_size * getattr(vc, "mlp_ratio", 4)
+    tower = vc.num_hidden_layers * (vit_attention_flops(tokens, hidden) + vit_mlp_flops(tokens, hidden, mlp))
+    proj = model.model.multi_modal_projector
+    d_in, d_mid, d_out = proj.linear_1.in_features, proj.linear_1.out_features, proj.linear_2.out_features
+    return tower, 2.0 * (tokens - 1) * (d_in * d_mid + d_mid * d_out)
+
+
+# ---------------------------------------------------------------------------- the task
+class _VLMTask(Task):
+    bench = "vlm"
+
+    def __init__(self, cfg: VLMBenchConfig, model, processor, samples: list[dict], log: Callable[[str], None]):
+        self.cfg, self.model, self.processor, self.samples, self.log = cfg, model, processor, samples, log
+        self.batches = [samples[i:i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
+        self.inputs = [processor(images=[s["image"] for s in b], text=[s["question"] for s in b]) for b in self.batches]
+        self.blind_inputs = [processor(text=[s["question"] for s in b]) for b in self.batches]
+        self.visual = processor.num_image_tokens
+        self.tower, self.projector = tower_flops(model, self.visual)
+        self.pictures: dict[str, list] = {}
+        if cfg.timing:
+            timing_batch = self.inputs[0]
+            self.timer = PairedTimer(lambda: self._prefill(timing_batch, None), items=len(self.batches[0]),
+                                     repeats=cfg.timing_repeats, unit="sample")
+
+    # a forward of the full prompt: the prefill (what the methods make cheaper)
+    def _prefill(self, inputs, method):
+        import tokenreduce
+
+        with torch.no_grad():
+            if method is None:
+                return self.model(**inputs)
+            with tokenreduce.apply(self.model, method):
+                return self.model(**inputs)
+
+    def groups(self):
+        yield self.cfg.task, [Unit(self.cfg.task, i) for i in range(len(self.batches))]
+
+    def forward(self, cell: Cell):
+        if cell.method == BLIND:
+            batch = self.blind_inputs[0]
+            return lambda: self._prefill(batch, None)
+        batch = self.inputs[0]
+        return lambda: self._prefill(batch, cell.obj)
+
+    def run(self, group, unit: Unit, cell: Cell) -> dict:
+        import tokenreduce
+        from ..assets.vqa import is_correct
+
+        blind = cell.method == BLIND
+        inputs = (self.blind_inputs if blind else self.inputs)[unit.data]
+        batch = self.batches[unit.data]
+        with torch.no_grad():
+            if cell.full or blind:
+                out = self._generate(inputs)
+            else:
+                with tokenreduce.apply(self.model, cell.obj) as h:
+                    out = self._generate(inputs)
+                    prefill = self._prefill_stats(h, inputs)
+        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        run = {"correct": [is_correct(s, t) for s, t in zip(batch, texts)], "n": len(batch)}
+        if not (cell.full or blind):
+            run.update(prefill)
+            if unit.data == 0:
+                self._keep_picture(cell, batch, inputs, prefill)
+        run["kv_bytes"] = self._kv_bytes(inputs, cell)
+        return run
+
+    def _generate(self, inputs):
+        return self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+    def _prefill_stats(self, h, inputs) -> dict:
+        """The prefill's stats: the last forward of generate is a decoding step, so run the prefill again."""
+        self.model(**inputs)
+        s = next(iter(h.stats_by_stage.values()))
+        out = {"lm_flops": s.flops, "lm_flops_full": s.flops_full, "scoring_flops": s.scoring_flops,
+               "kept_positions": getattr(s, "kept_positions", None)}
+        if hasattr(s, "visual_tokens_per_layer"):
+            out["visual_per_layer"] = s.visual_tokens_per_layer
+            out["visual_kept"] = s.kept_visual_fraction * s.visual_tokens
+        else:
+            out["visual_kept"] = s.kept_visual_tokens
+        out["visual_tokens"] = s.visual_tokens
+        return out
+
+    def _kv_bytes(self, inputs, cell: Cell) -> int:
+        import tokenreduce
+        from transformers import DynamicCache
+
+        from ..core.kv import kv_bytes
+
+        cache = DynamicCache(config=self.model.config.text_config)
+        inp = self.blind_inputs[0] if cell.method == BLIND else inputs
+        with torch.no_grad():
+            if cell.full or cell.method == BLIND:
+                self.model(**inp, past_key_values=cache)
+            else:
+                with tokenreduce.apply(self.model, cell.obj):
+                    self.model(**inp, past_key_values=cache)
+        return sum(kv_bytes(layer) for layer in cache.layers) // inp["input_ids"].shape[0]
+
+    def _keep_picture(self, cell: Cell, batch, inputs, prefill) -> None:
+        kept = prefill.get("kept_positions")
+        if not kept or self.cfg.pictures <= 0:
+            return
+        if isinstance(kept, dict):  # in-LLM: after the last drop layer
+            kept = kept[max(kept)]
+        ids = inputs["input_ids"]
+        from ..assets.minillava import IMAGE_TOKEN_ID
+
+        pics = []
+        for i, s in enumerate(batch[: self.cfg.pictures]):
+            pos = (ids[i] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+            start = pos[0] if pos else 0
+            pics.append((s, [p - start for p in kept[i] if p in set(pos)]))
+        self.pictures[f"{cell.method}_{cell.budget:g}"] = pics
+
+    def row(self, group, key, cell: Cell, runs: list[dict], full_runs: list[dict]) -> dict:
+        n = sum(r["n"] for r in runs)
+        acc = sum(sum(r["correct"]) for r in runs) / n
+        method = FULL_NAME if cell.full else cell.method
+        row: dict[str, Any] = {"task": self.cfg.task, "method": method, "budget": None if cell.full or
+                               cell.method == BLIND else cell.budget, "accuracy": acc, "n": n,
+                               "kv_bytes_per_sample": runs[0]["kv_bytes"]}
+        visual = self.visual
+        lm_full = full_runs[0].get("lm_flops_full") or self._lm_full_flops()
+        if cell.full:
+            row.update(visual_tokens=visual, visual_kept=visual, tower_flops=self.tower,
+                       projector_flops=self.projector, lm_flops=lm_full)
+        elif cell.method == BLIND:
+            row.update(visual_tokens=0, visual_kept=0, tower_flops=0.0, projector_flops=0.0,
+                       lm_flops=self._lm_flops(self.blind_inputs[0]))
+        else:
+            mean = lambda k: sum(r[k] * r["n"] for r in runs) / n  # noqa: E731
+            row.update(visual_tokens=mean("visual_tokens"), visual_kept=mean("visual_kept"),
+                       tower_flops=self.tower, projector_flops=self.projector, lm_flops=mean("lm_flops"),
+                       scoring_flops=mean("scoring_flops"))
+            if "visual_per_layer" in runs[0]:
+                layers = len(runs[0]["visual_per_layer"])
+                row["visual_per_layer"] = [sum(r["visual_per_layer"][i] * r["n"] for r in runs) / n
+                                           for i in range(layers)]
+            row["params"] = cell.obj.describe()
+        row["flops"] = row["tower_flops"] + row["projector_flops"] + row["lm_flops"]
+        row["flops_full"] = self.tower + self.projector + lm_full
+        row["flops_ratio"] = row["flops"] / row["flops_full"]
+        row["lm_flops_ratio"] = row["lm_flops"] / lm_full
+        row["visual_kept_ratio"] = row["visual_kept"] / visual if visual else None
+        if self.cfg.timing:
+            row.update(self._decode_ratio(cell))
+        return row
+
+    def _lm_full_flops(self) -> float:
+        return self._lm_flops(self.inputs[0])
+
+    def _lm_flops(self, inputs) -> float:
+        from ..families.decoders import decoder_info, find_decoder
+
+        fam, backbone = find_decoder(self.model)
+        info = decoder_info(fam, backbone, ())
+        n = float(inputs["attention_mask"].sum(-1).float().mean())
+        return info.num_layers * decoder_layer_flops(n, info, backbone.config.intermediate_size)
+
+    def _decode_ratio(self, cell: Cell) -> dict:
+        """Decoding tokens/s after the prefill, paired with the full model's (two generate lengths, difference)."""
+        import tokenreduce
+
+        batch = (self.blind_inputs if cell.method == BLIND else self.inputs)[0]
+
+        def gen(tokens, method):
+            with torch.no_grad():
+                if method is None:
+                    return self.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                with tokenreduce.apply(self.model, method):
+                    return self.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+        def rate(method):
+            t0 = time.perf_counter()
+            gen(1, method)
+            t1 = time.perf_counter()
+            gen(9, method)
+            t2 = time.perf_counter()
+            return 8 * batch["input_ids"].shape[0] / max((t2 - t1) - (t1 - t0), 1e-9)
+
+        obj = None if cell.full or cell.method == BLIND else cell.obj
+        pairs = [(rate(None), rate(obj)) for _ in range(2)]
+        full = sorted(p[0] for p in pairs)[1]
+        mine = sorted(p[1] for p in pairs)[1]
+        return {"decode_tok_s": mine, "decode_ratio": mine / full}
+
+    def log_line(self, row: dict, full_row: dict) -> str:
+        return (f"{row['method']:>13} @ {row['budget'] if row['budget'] is not None else '-':>5}: accuracy "
+                f"{row['accuracy']:.3f} (full {full_row['accuracy']:.3f}), visual tokens {row['visual_kept']:.1f}, "
+                f"FLOPs x{row['flops_ratio']:.3f}" + (f", prefill x{row['time_ratio']:.3f}" if "time_ratio" in row
+                                                      else ""))
+
+    def report(self, rows: list[dict], out: Path, header) -> None:
+        write_vlm_report(rows, out)
+        draw_kept(self.pictures, out / "kept", self.processor.num_image_tokens)
+
+
+# ---------------------------------------------------------------------------- report
+def vlm_columns(rows: Sequence[dict]) -> list[Column]:
+    cols = [Column("method"), Column("budget", "keep_ratio", ".2f"), Column("accuracy", "accuracy", ".3f"),
+            Column("n"), Column("visual_kept", "visual tokens (mean over layers)", ".1f"),
+            Column("visual_per_layer", "per layer (first, last)",
+                   lambda v: f"{v[0]:.0f} → {v[-1]:.0f}" if v else "—"),
+            Column("tower_flops", "tower GFLOPs", lambda v: f"{v / 1e9:.3f}"),
+            Column("projector_flops", "projector GFLOPs", lambda v: f"{v / 1e9:.3f}"),
+            Column("lm_flops", "LM prefill GFLOPs", lambda v: f"{v / 1e9:.3f}"),
+            Column("flops_ratio", "FLOPs ratio", ".3f")]
+    if any("time_ratio" in r for r in rows):
+        cols += [SpreadColumn("time_ratio", "prefill time ratio", ".3f"), Column("decode_ratio", "decode tok/s ratio",
+                                                                                 ".2f"),
+                 Column("peak_mem_mb", "peak RSS delta (MB)", ".0f")]
+    cols += [Column("kv_bytes_per_sample", "KV bytes / sample", lambda v: f"{v / 2**20:.2f} MiB")]
+    return cols
+
+
+def write_vlm_report(rows: Sequence[dict], out: str | Path) -> dict[str, Path]:
+    from .plot import Panel, pareto_plot
+
+    out = Path(out)
+    order = {FULL_NAME: 0, BLIND: 1}
+    rows = sorted(rows, key=lambda r: (order.get(r["method"], 2), r["method"], -(r.get("budget") or 0)))
+    notes = [f"Task: {rows[0]['task']} (held-out questions, n = {rows[0]['n']}); mini-LLaVA "
+             "(DINOv2-S/14 + SmolLM2-135M, 144 visual tokens); greedy answers scored by their first word.",
+             "keep_ratio: the fraction of visual tokens kept (in-LLM methods: averaged over the language model's "
+             "layers). FLOPs: analytic, per sample, scoring included; the blind row has no image.",
+             environment_note(rows[0])]
+    if any("time_ratio" in r for r in rows):
+        notes.append(spread_note("prefill time ratio", "batches"))
+    md = write_markdown_report(out / "results.md", "bench vlm", notes, [(None, rows, vlm_columns(rows))])
+    plot = pareto_plot([r for r in rows if r["method"] != BLIND], out / "pareto.png", y="accuracy",
+                       panels=[Panel("flops_ratio", "FLOPs ratio (analytic)"),
+                               Panel("visual_kept_ratio", "visual tokens kept (fraction)")]
+                       + ([Panel("time_ratio", "prefill time ratio (measured)")] if any("time_ratio" in r for r in rows)
+                          else []),
+                       is_reference=lambda r: r["method"] == FULL_NAME, annotate="budget",
+                       title=f"mini-LLaVA, {rows[0]['task']}")
+    return {"markdown": md, "plot": plot}
+
+
+def draw_kept(pictures: dict[str, list], out: Path, num_tokens: int) -> None:
+    """Each sample's image with the dropped visual tokens greyed out."""
+    from PIL import Image, ImageDraw
+
+    side = int(round(num_tokens ** 0.5))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, pics in pictures.items():
+        for i, (sample, kept) in enumerate(pics):
+            img = sample["image"].convert("RGB").resize((side * 16, side * 16))
+            shade = Image.new("RGBA", img.size, (0, 0, 0, 0))
+            draw = ImageDraw.Draw(shade)
+            keep = set(kept)
+            for t in range(side * side):
+                if t not in keep:
+                    r, c = divmod(t, side)
+                    draw.rectangle((c * 16, r * 16, c * 16 + 15, r * 16 + 15), fill=(255, 255, 255, 190))
+            canvas = Image.alpha_composite(img.convert("RGBA"), shade).convert("RGB")
+            ImageDraw.Draw(canvas).text((2, 2), f"{sample['question']} ({sample['answer']})", fill=(0, 0, 0))
+            canvas.save(out / f"{name}_{i}.png")
+
+
+# ---------------------------------------------------------------------------- entry point
+def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None, log: Callable[[str], None] = print,
+                  progress: bool = True) -> list[dict]:
+    from ..assets.vqa import TASKS, samples
+
+    cfg = cfg or VLMBenchConfig()
+    t_start = time.perf_counter()
+    if cfg.task not in TASKS:
+        raise StageError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    names = check_methods(cfg.methods)
+    budgets = check_keep_ratios(cfg.budgets, "budget", "the fraction of visual tokens kept", "--budgets 0.5,0.25")
+    if cfg.model != "minillava":
+        raise StageError(f"unknown VLM {cfg.model!r}; the bundled one is 'minillava'")
+    grid = build_grid(names, budgets, skip_bad_budgets=True, log=log)
+    if model is None:
+        from ..assets.minillava import load_vlm
+
+        model, processor = load_vlm(cfg.model)
+    grid = check_attachable(model, grid, log=log)
+    grid = Grid(grid.cells + [Cell(BLIND, 0.0, BLIND)], grid.skipped)
+    data = samples(cfg.task, "test", cfg.n, cfg.seed)
+    task = _VLMTask(cfg, model, processor, data, log)
+    common = {"model": cfg.model, "task": cfg.task, **environment("cpu", model)}
+    return run_grid(task, grid, cfg.out, common, progress=progress, log=log, t_start=t_start)
