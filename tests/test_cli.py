@@ -51,10 +51,18 @@ def test_bad_arguments_exit_nonzero_with_a_helpful_message(argv, message, capsys
         assert "tome" in err.split("known encoder methods:")[1]
 
 
-@pytest.mark.parametrize("which", ["vlm"])
-def test_unimplemented_benchmarks(which, capsys):
-    assert main(["bench", which]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "vlm", "--methods", "tome"], "not on visual tokens"),
+    (["bench", "vlm", "--methods", "fastvv"], "unknown method 'fastvv'"),
+    (["bench", "vlm", "--methods", "full"], "always measured"),
+    (["bench", "vlm", "--budgets", "1.5"], "out of range"),
+    (["bench", "vlm", "--task", "coco"], "invalid choice"),
+])
+def test_vlm_bench_usage_errors_before_anything_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

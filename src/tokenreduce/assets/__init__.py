@@ -29,6 +29,9 @@ _LAZY = {
     "encode_prompt": "haystack",
     "save_samples": "haystack",
     "load_samples": "haystack",
+    "load_vlm": "minillava",
+    "build_minillava": "minillava",
+    "vqa_samples": "vqa",
 }
 
 

@@ -38,13 +38,16 @@ _BACKGROUND = (128, 128, 128)
 _SPLIT_SEED = {"train": 0, "test": 1_000_003, "calib": 2_000_003}
 
 
-def samples(task: str, split: str, n: int, seed: int = 0, **options) -> list[dict[str, Any]]:
+def vqa_samples(task: str, split: str, n: int, seed: int = 0, **options) -> list[dict[str, Any]]:
     """``n`` samples of ``task`` (``"easyvqa"`` or ``"scenes"``) from ``split``."""
     if task == "easyvqa":
         return easyvqa_samples(split, n, seed)
-    if task == "scenes":
-        return scene_samples(split, n, seed, **options)
-    raise ValueError(f"unknown VQA task {task!r}; choose one of {', '.join(TASKS)}")
+    if task != "scenes":
+        raise ValueError(f"unknown VQA task {task!r}; choose one of {', '.join(TASKS)}")
+    return scene_samples(split, n, seed, **options)
+
+
+samples = vqa_samples
 
 
 def _check_split(split: str) -> None:
