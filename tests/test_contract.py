@@ -26,7 +26,14 @@ The promises (README "How it attaches" / "Budgets", `core/method.py`, `core/budg
    where the method has one.
 5. The budget means what it says: encoder: mean tokens per block MLP / input tokens is
    ``keep_ratio`` within the row's tolerance; kv-cache: ``floor(n * keep_ratio)`` entries per
-   sample and layer; decoder (prompt filtering): ``floor(n * keep_ratio)`` prompt tokens.
+   sample and layer; decoder (prompt filtering): ``floor(n * keep_ratio)`` prompt tokens;
+   connector: ``floor(n * keep_ratio)`` visual tokens per image (pooling: its largest grid within
+   that); in-LLM: visual tokens kept averaged over the layers within one token of ``keep_ratio``.
+
+Visual-token rows (``vlm``) run on the tiny VLMs of tiny_vlm.py with image prompts: promise 1
+compares logits and greedy ``generate`` (one prompt, a left-padded batch), promise 2 aborts in the
+language model's last layer, promise 3 compares a left-padded batch of three image prompts with
+each alone under ``generate``.
 
 Only the public API and the tiny models of conftest.py / tiny_lm.py are used.
 """

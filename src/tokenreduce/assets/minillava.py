@@ -13,13 +13,14 @@ vocabulary and the tied embeddings stay exactly SmolLM2's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from .dinov2 import _sha256
 
 IMAGE_TOKEN_ID = 16  # SmolLM2's "<empty_output>": a special token chat text never contains
 IMAGE_SIZE = 168
@@ -31,14 +32,6 @@ CARD_FILE = "minillava_projector.json"  # checksum and training record, written 
 
 def projector_path() -> Path:
     return Path(str(resources.files("tokenreduce.assets") / "data" / PROJECTOR_FILE))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def projector_record() -> dict[str, Any]:

@@ -40,6 +40,16 @@ class Stats:
     kv_decode_steps: int = 0
     kv_decode_slots: int = 0
 
+    def add_kv_layer(self, layer: int, entries: float, kept: float, slots: int, bytes_before: int,
+                     bytes_after: int) -> None:
+        """One cache layer shaped by the last forward (entries / kept: per sample, means; bytes: the batch's)."""
+        self.kv_layers.append(layer)
+        self.kv_entries_per_layer.append(entries)
+        self.kv_kept_per_layer.append(kept)
+        self.kv_slots_per_layer.append(slots)
+        self.kv_bytes_before_per_layer.append(bytes_before)
+        self.kv_bytes_after_per_layer.append(bytes_after)
+
     @property
     def flops_ratio(self) -> float:
         return self.flops / self.flops_full if self.flops_full else 1.0

@@ -49,6 +49,7 @@ from ..scoring.attention import cls_attention
 from .prefill_filter import decoder_layer_flops
 from .prompt_rewrite import continue_prompt, stand_for_prompt
 from .routing import route
+from .vlm_inputs import VisualInputs
 
 CLS_METHODS_NOTE = "methods that need no [CLS]: visual_random, visual_pool"
 
@@ -138,18 +139,16 @@ class ConnectorAttachment:
         self._undo = Undo()
         self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
         self._sig = inspect.signature(backbone.forward)
-        self._ids: Tensor | None = None
         self._tower: dict | None = None
         self._pending: dict | None = None
-        self._images = self._fired = self._inner_ran = False
         self._tower_slots: list[Tensor] | None = None
         try:
             if method.needs_cls or tower is not None:
                 self._route_tower(parts)
             if tower is not None:
                 self._wrap_image_features(parts)
-            self._undo += [parts.inner.register_forward_pre_hook(self._capture, with_kwargs=True).remove,
-                           backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
+            self.inputs = VisualInputs(parts, self._undo, self._check_budgets)
+            self._undo += [backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
                            backbone.register_forward_hook(self._end, with_kwargs=True).remove]
         except Exception:
             self.remove()
@@ -224,36 +223,26 @@ class ConnectorAttachment:
         return proceed(query, key, value, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ hooks
-    def _capture(self, inner, args, kwargs):
-        """The VLM's own forward: remember the ids, check the budgets before the tower runs."""
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self._ids = None  # the tower's rows stay: generate may run the tower before this call
-        self._images = (kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
-                        or bool(kwargs.get("mm_encoder_outputs")))  # generate may run the tower before the call
-        self._inner_ran = True
-        if not isinstance(ids, Tensor):
-            if self._images:
-                raise StageError(f"{self.method.name} finds visual tokens from input_ids; this call passed "
-                                 "inputs_embeds instead. Pass input_ids (and pixel_values)")
-            return None
-        self._ids = ids
-        runs = visual_runs(self.parts.visual_mask(ids))
-        for r in runs:  # budget errors before the tower runs (a tower reduction may leave fewer: checked again)
+    def _check_budgets(self, ids: Tensor) -> None:
+        """Budget errors before the tower runs (a tower reduction may leave fewer tokens: checked again)."""
+        for r in visual_runs(self.parts.visual_mask(ids)):
             for s, e in r:
                 self.method.budgets(torch.tensor([e - s]))
-        return None
 
     def _begin(self, backbone, args, kwargs):
         bound = self._sig.bind_partial(*args, **kwargs).arguments
         kw = {k: v for k, v in bound.items() if k != "kwargs"}
         kw.update(bound.get("kwargs", {}))
-        ids, self._ids = self._ids, None
+        ids = self.inputs.take_ids()
+        if ids is None and self.inputs.images:
+            raise StageError(f"{self.method.name} finds visual tokens from input_ids; this call passed "
+                             "inputs_embeds instead. Pass input_ids (and pixel_values)")
         embeds = kw.get("inputs_embeds")
         cache = kw.get("past_key_values")
         if isinstance(cache, Cache) and any(getattr(l, "rewritten_by", None) is self for l in cache.layers):
             q = embeds.shape[1] if embeds is not None else kw["input_ids"].shape[1]
             b = embeds.shape[0] if embeds is not None else kw["input_ids"].shape[0]
-            if ids is not None and self._images and bool(self.parts.visual_mask(ids).any()):
+            if ids is not None and self.inputs.images and bool(self.parts.visual_mask(ids).any()):
                 raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache; send the "
                                  "image in the first forward of the prompt")
             return (), continue_prompt(kw, cache, b, q, self, self._flagged, self.method.name)
@@ -264,11 +253,11 @@ class ConnectorAttachment:
             self.stats = ConnectorStats(batch_size=ids.shape[0], no_visual_forwards=self.stats.no_visual_forwards + 1)
             return None
         if isinstance(cache, Cache) and cache.get_seq_length() > 0:
-            if not self._images:  # a generated token that happens to be a placeholder id: text
+            if not self.inputs.images:  # a generated token that happens to be a placeholder id: text
                 return None
             raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache holding "
                              f"{cache.get_seq_length()} tokens; prefill the image prompt in one forward")
-        self._fired = True
+        self.inputs.fired = True
         return (), self._rewrite(kw, ids, visual, embeds, cache)
 
     # ------------------------------------------------------------------ the rewrite
@@ -453,22 +442,10 @@ class ConnectorAttachment:
             return output
         s = self.stats
         for i, layer, new in stand_for_prompt(p["cache"], p["kept"], p["length"], self.info.num_kv_heads, self):
-            s.kv_layers.append(i)
-            s.kv_entries_per_layer.append(s.prompt_tokens)
-            s.kv_kept_per_layer.append(s.kept_tokens)
-            s.kv_slots_per_layer.append(new.physical_length)
-            s.kv_bytes_before_per_layer.append(int(kv_bytes(layer) * p["length"] / max(layer.keys.shape[-2], 1)))
-            s.kv_bytes_after_per_layer.append(kv_bytes(new))
+            s.add_kv_layer(i, s.prompt_tokens, s.kept_tokens, new.physical_length,
+                           int(kv_bytes(layer) * p["length"] / max(layer.keys.shape[-2], 1)), kv_bytes(new))
         return output
 
     def check_ran(self) -> None:
         """After the model's forward: a call that carried images must have reached the rewrite."""
-        images, self._images = self._images, False
-        fired, self._fired = self._fired, False
-        ran, self._inner_ran = self._inner_ran, False
-        if not ran:
-            raise NeverFiredError(f"the model ran but its vision-language model ({type(self.parts.inner).__name__}) did "
-                                  f"not, so {self.method.name} never fired; call the VLM the method is attached to")
-        if images and not fired:
-            raise NeverFiredError(f"the model ran with images but {self.method.name} never saw their visual tokens enter "
-                                  "the language model; is the prompt missing its image tokens?")
+        self.inputs.check(self.method.name)

@@ -42,6 +42,7 @@ from ..scoring.rope import rotate
 from .kv_cache import mark_uniform
 from .prefill_filter import decoder_layer_flops
 from .routing import check_implementation, route
+from .vlm_inputs import VisualInputs
 
 
 @dataclass
@@ -136,10 +137,7 @@ class InLLMAttachment:
                                         f"{parts.family.name} model uses M-RoPE: pass scores_from='previous'")
         self.stats = InLLMStats()
         self._run: _Run | None = None
-        self._ids: Tensor | None = None
-        self._images = self._fired = self._inner_ran = False
         self._padding: Tensor | None = None
-        self._inner_mask: Tensor | None = None
         self._cache: Cache | None = None
         self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
         self._sig = inspect.signature(backbone.forward)
@@ -160,8 +158,8 @@ class InLLMAttachment:
                 self._undo.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True).remove)
         if self.parts.family.deepstack and hasattr(self.backbone, "_deepstack_process"):
             self._wrap_deepstack()
-        self._undo += [self.parts.inner.register_forward_pre_hook(self._capture, with_kwargs=True).remove,
-                       self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
+        self.inputs = VisualInputs(self.parts, self._undo)
+        self._undo += [self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
                        self.backbone.register_forward_hook(self._end, with_kwargs=True).remove]
 
     def _wrap_deepstack(self) -> None:
@@ -192,25 +190,16 @@ class InLLMAttachment:
         self._flagged = weakref.WeakSet()
 
     # ------------------------------------------------------------------ backbone hooks
-    def _capture(self, inner, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self._ids = ids if isinstance(ids, Tensor) else None
-        mask = kwargs.get("attention_mask")
-        self._inner_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        self._images = (kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
-                        or bool(kwargs.get("mm_encoder_outputs")))  # generate may run the tower before the call
-        self._inner_ran = True
-
     def _begin(self, backbone, args, kwargs):
         self._unflag()
         self._run = None
         bound = self._sig.bind_partial(*args, **kwargs).arguments
         kw = {k: v for k, v in bound.items() if k != "kwargs"}
         kw.update(bound.get("kwargs", {}))
-        ids, self._ids = self._ids, None
+        ids = self.inputs.take_ids()
         mask = kw.get("attention_mask")
         if isinstance(mask, dict):  # Gemma 3: the VLM built its 4-D masks; the padding is its caller's 2-D mask
-            mask = self._inner_mask
+            mask = self.inputs.mask
         self._padding = mask.to(torch.bool) if isinstance(mask, Tensor) and mask.dim() == 2 else None
         cache = kw.get("past_key_values")
         self._cache = cache
@@ -223,7 +212,7 @@ class InLLMAttachment:
         if ids is None or embeds is None:
             return None
         if self.method.reduces_nothing:  # keep_ratio=1.0: fires, reduces nothing, the model's own path
-            self._fired = True
+            self.inputs.fired = True
             self.stats = InLLMStats(batch_size=ids.shape[0])
             return None
         visual = self.parts.visual_mask(ids)
@@ -233,7 +222,7 @@ class InLLMAttachment:
                 self.stats = InLLMStats(batch_size=ids.shape[0], no_visual_forwards=self.stats.no_visual_forwards + 1)
             return None
         if past:
-            if not self._images:  # a generated token that happens to be a placeholder id: text
+            if not self.inputs.images:  # a generated token that happens to be a placeholder id: text
                 return None
             raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache holding {past} "
                              "tokens; prefill the image prompt in one forward")
@@ -249,7 +238,7 @@ class InLLMAttachment:
                          positions=pos, embeddings=None, mask=None, length=n, visual_counts=visual.sum(-1),
                          cache=cache if isinstance(cache, Cache) else None)
         self._budgets = {k: self._count(frac, self._run.visual_counts, k) for k, frac in self.schedule}
-        self._fired = True
+        self.inputs.fired = True
         return None
 
     def _count(self, frac: float, counts: Tensor, layer: int) -> Tensor:
@@ -434,21 +423,9 @@ class InLLMAttachment:
                                   None if bool(valid.all()) else valid)
             new.dropped_by = self
             cache.layers[i] = new
-            s.kv_layers.append(i)
-            s.kv_entries_per_layer.append(s.prompt_tokens)
-            s.kv_kept_per_layer.append(float(valid.sum(-1).float().mean()))
-            s.kv_slots_per_layer.append(idx.shape[1])
-            s.kv_bytes_before_per_layer.append(int(kv_bytes(layer) * run.length / max(idx.shape[1], 1)))
-            s.kv_bytes_after_per_layer.append(kv_bytes(new))
+            s.add_kv_layer(i, s.prompt_tokens, float(valid.sum(-1).float().mean()), idx.shape[1],
+                           int(kv_bytes(layer) * run.length / max(idx.shape[1], 1)), kv_bytes(new))
         mark_uniform(cache)
 
     def check_ran(self) -> None:
-        images, self._images = self._images, False
-        fired, self._fired = self._fired, False
-        ran, self._inner_ran = self._inner_ran, False
-        if not ran:
-            raise NeverFiredError(f"the model ran but its vision-language model ({type(self.parts.inner).__name__}) did "
-                                  f"not, so {self.method.name} never fired; call the VLM the method is attached to")
-        if images and not fired:
-            raise NeverFiredError(f"the model ran with images but {self.method.name} never saw their visual tokens enter "
-                                  "the language model; is the prompt missing its image tokens?")
+        self.inputs.check(self.method.name)
