@@ -300,7 +300,7 @@ def test_errors():
         model(ids, past_key_values=plain)  # a cache prefilled without gemfilter
         with tr.apply(model, gem(keep_count=4)), pytest.raises(tr.StageError, match="whole prompt"):
             model(prompt(3), past_key_values=plain)
-    with pytest.raises(tr.StageError, match="one prefill filter"):  # gemfilter + a kv method composes: test_runtime.py
+    with pytest.raises(tr.StageError, match="one decoder-stage method"):  # gemfilter + a kv method composes: test_runtime.py
         tr.patch(model, gem(keep_count=4), gem(keep_count=2))
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64)).eval()
     with pytest.raises(tr.UnsupportedModelError, match="Llama"):
