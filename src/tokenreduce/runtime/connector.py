@@ -249,14 +249,17 @@ class ConnectorAttachment:
         if ids is None or embeds is None:
             return None
         visual = self.parts.visual_mask(ids)
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if not bool(visual.any()):
-            self.stats = ConnectorStats(batch_size=ids.shape[0], no_visual_forwards=self.stats.no_visual_forwards + 1)
+            if not past:  # a text-only prompt: nothing to reduce (counted); decoding steps leave the stats alone
+                self.stats = ConnectorStats(batch_size=ids.shape[0],
+                                            no_visual_forwards=self.stats.no_visual_forwards + 1)
             return None
-        if isinstance(cache, Cache) and cache.get_seq_length() > 0:
+        if past:
             if not self.inputs.images:  # a generated token that happens to be a placeholder id: text
                 return None
             raise StageError(f"{self.method.name}: visual tokens in a forward that continues a cache holding "
-                             f"{cache.get_seq_length()} tokens; prefill the image prompt in one forward")
+                             f"{past} tokens; prefill the image prompt in one forward")
         self.inputs.fired = True
         return (), self._rewrite(kw, ids, visual, embeds, cache)
 

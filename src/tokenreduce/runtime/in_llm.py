@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..core.errors import BudgetError, NeverFiredError, StageError, UnsupportedModelError
+from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.kv import CompressedLayer, kv_bytes, layer_mask
 from ..core.method import LayerDropMethod
 from ..core.stats import Stats
@@ -237,15 +237,15 @@ class InLLMAttachment:
         self._run = _Run(index=torch.where(valid, torch.arange(n, device=ids.device)[None], -1), visual=visual,
                          positions=pos, embeddings=None, mask=None, length=n, visual_counts=visual.sum(-1),
                          cache=cache if isinstance(cache, Cache) else None)
-        self._budgets = {k: self._count(frac, self._run.visual_counts, k) for k, frac in self.schedule}
+        self._budgets = {k: self._count(frac, self._run.visual_counts) for k, frac in self.schedule}
         self.inputs.fired = True
         return None
 
-    def _count(self, frac: float, counts: Tensor, layer: int) -> Tensor:
+    @staticmethod
+    def _count(frac: float, counts: Tensor) -> Tensor:
+        """Visual tokens each sample keeps: floor(frac * n), at least 1 (a text-only sample of the batch keeps 0)."""
         kept = torch.floor(counts.to(torch.float64) * frac + 1e-9).to(torch.long).clamp_min(1)
-        if bool((counts < 1).any()):
-            raise BudgetError(f"{self.method.name}: a sample of the batch has no visual token; every sample needs an image")
-        return kept
+        return torch.minimum(kept, counts)
 
     # ------------------------------------------------------------------ layers
     def _make_layer_hook(self, i: int):
