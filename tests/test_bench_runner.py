@@ -172,3 +172,15 @@ def test_run_grid_order_rows_and_files(tmp_path):
     back = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert back[0]["record"] == "header" and back[0]["skipped"] == grid.skipped and "loadavg_end" in back[0]
     assert len(back) == 13 and (tmp_path / "results.md").read_text() == "toy"
+
+
+def test_a_budget_a_method_cannot_reach_on_the_model_skips_that_cell_only():
+    """PyramidDrop's quarter-point stages on a 3-layer language model cannot keep less than 1/3 of the visual
+    tokens on average, nor FastV at k=2 less than 2/3: their 0.2 cells are skipped with the reason, 0.8 runs."""
+    from tiny_vlm import tiny_vlm
+
+    grid = runner.build_grid(["pyramiddrop", "fastv"], [0.8, 0.2], log=lambda _: None)
+    kept = runner.check_attachable(tiny_vlm("llava"), grid, log=lambda _: None)
+    assert [(c.method, c.budget) for c in kept.cells] == [("pyramiddrop", 0.8), ("fastv", 0.8)]
+    assert [(s["method"], s["keep_ratio"]) for s in kept.skipped] == [("pyramiddrop", 0.2), ("fastv", 0.2)]
+    assert all("keep_ratio=0.2" in s["reason"] for s in kept.skipped)

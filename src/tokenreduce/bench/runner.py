@@ -152,6 +152,7 @@ def check_attachable(model, grid: Grid, log: Callable[[str], None] = print) -> G
     import tokenreduce
 
     refused: dict[str, str] = {}
+    unreachable: list[dict] = []  # a budget the method cannot reach on this model (e.g. its layers): that cell only
     for cell in grid.cells:
         if cell.method in refused:
             continue
@@ -160,11 +161,16 @@ def check_attachable(model, grid: Grid, log: Callable[[str], None] = print) -> G
                 pass
         except UnsupportedModelError:
             raise
+        except BudgetError as e:
+            unreachable.append({"method": cell.method, "keep_ratio": cell.budget, "reason": f"budget: {e}"})
+            log(f"skipping {cell.method} @ {cell.budget:g}: {e}")
         except StageError as e:
             refused[cell.method] = str(e)
             log(f"skipping {cell.method}: refuses this model: {e}")
-    skipped = grid.skipped + [{"method": n, "reason": f"refuses this model: {r}"} for n, r in refused.items()]
-    cells = [c for c in grid.cells if c.method not in refused]
+    skipped = grid.skipped + unreachable + [{"method": n, "reason": f"refuses this model: {r}"}
+                                            for n, r in refused.items()]
+    gone = {(u["method"], u["keep_ratio"]) for u in unreachable}
+    cells = [c for c in grid.cells if c.method not in refused and (c.method, c.budget) not in gone]
     if not cells:
         raise StageError("no method left to run: " + "; ".join(f"{s['method']}: {s['reason']}" for s in skipped))
     return Grid(cells, skipped)

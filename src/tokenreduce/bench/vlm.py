@@ -119,6 +119,7 @@ class _VLMTask(Task):
         self.visual = processor.num_image_tokens
         self.tower, self.projector = tower_flops(model, self.visual)
         self.pictures: dict[str, list] = {}
+        self.skipped: list[dict] = []
         self.timing_inputs = processor(images=[s["image"] for s in self.batches[0][:cfg.timing_batch]],
                                        text=[s["question"] for s in self.batches[0][:cfg.timing_batch]])
         self.timing_blind = processor(text=[s["question"] for s in self.batches[0][:cfg.timing_batch]])
@@ -296,7 +297,7 @@ class _VLMTask(Task):
                                                       else ""))
 
     def report(self, rows: list[dict], out: Path, header) -> None:
-        write_vlm_report(rows, out)
+        write_vlm_report(rows, out, self.skipped)
         draw_kept(self.pictures, out / "kept", self.processor.num_image_tokens)
 
 
@@ -318,7 +319,7 @@ def vlm_columns(rows: Sequence[dict]) -> list[Column]:
     return cols
 
 
-def write_vlm_report(rows: Sequence[dict], out: str | Path) -> dict[str, Path]:
+def write_vlm_report(rows: Sequence[dict], out: str | Path, skipped: Sequence[dict] = ()) -> dict[str, Path]:
     from .plot import Panel, pareto_plot
 
     out = Path(out)
@@ -331,6 +332,8 @@ def write_vlm_report(rows: Sequence[dict], out: str | Path) -> dict[str, Path]:
              environment_note(rows[0])]
     if any("time_ratio" in r for r in rows):
         notes.append(spread_note("prefill time ratio", "batches"))
+    notes += [f"not run: {s['method']}" + (f" @ {s['keep_ratio']:g}" if "keep_ratio" in s else "") + f" — {s['reason']}"
+              for s in skipped]
     md = write_markdown_report(out / "results.md", "bench vlm", notes, [(None, rows, vlm_columns(rows))])
     plot = pareto_plot([r for r in rows if r["method"] != BLIND], out / "pareto.png", y="accuracy",
                        panels=[Panel("flops_ratio", "FLOPs ratio (analytic)"),
@@ -385,5 +388,6 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
     grid = Grid(grid.cells + [Cell(BLIND, 0.0, BLIND)], grid.skipped)
     data = samples(cfg.task, "test", cfg.n, cfg.seed)
     task = _VLMTask(cfg, model, processor, data, log)
+    task.skipped = grid.skipped
     common = {"model": cfg.model, "task": cfg.task, **environment("cpu", model)}
     return run_grid(task, grid, cfg.out, common, progress=progress, log=log, t_start=t_start)
