@@ -112,9 +112,11 @@ class Handle:
 
                 if by_stage.get("kv-cache") or by_stage.get("connector"):
                     other = (by_stage.get("kv-cache") or by_stage.get("connector"))[0]
+                    other = "a reduction inside the vision tower" if other is None else repr(other)
                     raise StageError(f"{method!r} drops visual tokens inside the language model; composing it with "
-                                     f"{other!r} is not supported yet (each layer's cache would be cut twice). Use one "
-                                     "of them, or a connector method with a kv-cache method")
+                                     f"{other} is not supported yet (it finds visual tokens in the prompt a connector "
+                                     "rewrites, and a kv-cache stage would cut its pruned layers again). Use one of "
+                                     "them, or a connector method with tower and kv-cache methods")
                 self._stages["decoder"] = InLLMAttachment(model, require_vlm(model, method.name), family, backbone,
                                                           method)
             else:
