@@ -127,7 +127,7 @@ class InLLMAttachment:
         self.mlp_size = backbone.config.intermediate_size
         self.schedule = method.schedule(self.info)
         nl = len(self.layers)
-        for k, frac in self.schedule:
+        for k, _ in self.schedule:
             if not 1 <= k < nl:
                 raise StageError(f"{method!r}: drop layer {k} is outside this language model's layers 1..{nl - 1} "
                                  f"({nl} layers)")
