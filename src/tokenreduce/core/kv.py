@@ -249,3 +249,22 @@ def layer_mask(valid: Tensor, query_length: int) -> Tensor:
     rows = torch.arange(q, device=valid.device)
     causal = cols[None, :] <= (k - q + rows)[:, None]  # [q, K]
     return valid[:, None, None, :] & causal[None, None]
+
+
+def gather_mask(mask: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+    """A 4-D mask ``[B or 1, H, L, L]`` restricted to the rows and columns ``index`` [B, M] (``-1`` = padded slot).
+
+    ``valid`` [B, M] marks the real slots: padded columns are masked and a padded row sees only
+    itself (no empty softmax row). Bool masks stay bool (True attends); additive masks stay additive.
+    Kept rows keep whatever structure the mask had (causal, bidirectional image blocks, windows).
+    """
+    b, m = index.shape
+    h = mask.shape[1]
+    i = index.clamp_min(0)
+    rows = mask.expand(b, -1, -1, -1).gather(2, i[:, None, :, None].expand(-1, h, -1, mask.shape[-1]))
+    out = rows.gather(3, i[:, None, None, :].expand(-1, h, m, -1))
+    own = torch.eye(m, dtype=torch.bool, device=out.device)[None, None] & ~valid[:, None, :, None]
+    if out.dtype == torch.bool:
+        return (out & valid[:, None, None, :]) | own
+    out = out.masked_fill(~valid[:, None, None, :], torch.finfo(out.dtype).min)
+    return out.masked_fill(own, 0.0)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
-from ..core.kv import CompressedLayer, kv_bytes
+from ..core.kv import CompressedLayer, gather_mask, kv_bytes
 from ..core.method import ConnectorMethod, VisualContext, generator_for
 from ..core.reduction import Reduction
 from ..core.stats import Stats
@@ -48,7 +48,7 @@ from ..families.vlms import VLMParts
 from ..scoring.attention import cls_attention
 from .prefill_filter import decoder_layer_flops
 from .prompt_rewrite import continue_prompt, stand_for_prompt
-from .routing import route
+from .routing import call_arguments, route
 from .vlm_inputs import VisualInputs
 
 CLS_METHODS_NOTE = "methods that need no [CLS]: visual_random, visual_pool"
@@ -230,9 +230,7 @@ class ConnectorAttachment:
                 self.method.budgets(torch.tensor([e - s]))
 
     def _begin(self, backbone, args, kwargs):
-        bound = self._sig.bind_partial(*args, **kwargs).arguments
-        kw = {k: v for k, v in bound.items() if k != "kwargs"}
-        kw.update(bound.get("kwargs", {}))
+        kw = call_arguments(self._sig, args, kwargs)
         ids = self.inputs.take_ids()
         if ids is None and self.inputs.images:
             raise StageError(f"{self.method.name} finds visual tokens from input_ids; this call passed "
@@ -390,24 +388,10 @@ class ConnectorAttachment:
         if mask is None or (isinstance(mask, Tensor) and mask.dim() == 2):
             return slot.long() if mask is None else slot.to(mask.dtype)
         if isinstance(mask, dict):  # Gemma 3: full / sliding 4-D masks built by the outer model
-            return {k: self._mask4d(v, slot, idx) for k, v in mask.items()}
+            return {k: None if v is None else gather_mask(v, idx, slot) for k, v in mask.items()}
         if isinstance(mask, Tensor) and mask.dim() == 4:
-            return self._mask4d(mask, slot, idx)
+            return gather_mask(mask, idx, slot)
         raise StageError(f"{self.method.name}: unsupported attention_mask of type {type(mask).__name__}")
-
-    @staticmethod
-    def _mask4d(mask, slot: Tensor, idx: Tensor):
-        """A 4-D mask [B, 1, L, L] -> [B, 1, M, M] of the kept slots; a padded slot sees only itself."""
-        if mask is None:
-            return None
-        b, h, m_ = idx.shape[0], mask.shape[1], idx.shape[1]
-        rows = mask.expand(b, -1, -1, -1).gather(2, idx[:, None, :, None].expand(-1, h, -1, mask.shape[-1]))
-        m = rows.gather(3, idx[:, None, None, :].expand(-1, h, m_, -1))
-        own = torch.eye(m_, dtype=torch.bool, device=m.device)[None, None] & ~slot[:, None, :, None]
-        if m.dtype == torch.bool:
-            return (m & slot[:, None, None, :]) | own
-        m = m.masked_fill(~slot[:, None, None, :], torch.finfo(m.dtype).min)
-        return m.masked_fill(own, 0.0)
 
     def _deepstack(self, kw: dict, red: Reduction, visual: Tensor, slot: Tensor, idx: Tensor) -> dict:
         """Qwen3-VL: the visual features added after early layers follow the visual tokens."""

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
-from ..core.kv import CompressedLayer, kv_bytes, layer_mask
+from ..core.kv import CompressedLayer, gather_mask, kv_bytes, layer_mask
 from ..core.method import LayerDropMethod
 from ..core.stats import Stats
 from ..core.undo import Undo
@@ -41,7 +41,7 @@ from ..scoring.attention import row_logits
 from ..scoring.rope import rotate
 from .kv_cache import mark_uniform
 from .prefill_filter import decoder_layer_flops
-from .routing import check_implementation, route
+from .routing import call_arguments, check_implementation, route
 from .vlm_inputs import VisualInputs
 
 
@@ -193,9 +193,7 @@ class InLLMAttachment:
     def _begin(self, backbone, args, kwargs):
         self._unflag()
         self._run = None
-        bound = self._sig.bind_partial(*args, **kwargs).arguments
-        kw = {k: v for k, v in bound.items() if k != "kwargs"}
-        kw.update(bound.get("kwargs", {}))
+        kw = call_arguments(self._sig, args, kwargs)
         ids = self.inputs.take_ids()
         mask = kw.get("attention_mask")
         if isinstance(mask, dict):  # Gemma 3: the VLM built its 4-D masks; the padding is its caller's 2-D mask
@@ -330,20 +328,12 @@ class InLLMAttachment:
 
     def _prefill_mask(self, mask, idx: Tensor, valid: Tensor, dtype) -> Tensor:
         """The kept rows' mask: the layers' own 4-D mask gathered to the kept rows and columns (so Gemma 3's
-        bidirectional image blocks stay), or a causal one when the layers had none (SDPA without padding); padded
-        columns masked, a padded row sees only itself (no empty softmax row)."""
-        n = valid.shape[1]
-        pad_row = torch.eye(n, dtype=torch.bool, device=valid.device)[None, None] & ~valid[:, None, :, None]
+        bidirectional image blocks stay), or a causal one when the layers had none (SDPA without padding)."""
         if isinstance(mask, Tensor) and mask.dim() == 4:
-            b, h = idx.shape[0], mask.shape[1]
-            i = idx.clamp_min(0)
-            rows = mask.expand(b, -1, -1, -1).gather(2, i[:, None, :, None].expand(-1, h, -1, mask.shape[-1]))
-            m = rows.gather(3, i[:, None, None, :].expand(-1, h, n, -1))
-            if m.dtype == torch.bool:
-                return (m & valid[:, None, None, :]) | pad_row
-            m = m.masked_fill(~valid[:, None, None, :], torch.finfo(m.dtype).min)
-            return m.masked_fill(pad_row, 0.0)
-        own = layer_mask(valid, n) | pad_row
+            return gather_mask(mask, idx, valid)
+        n = valid.shape[1]
+        own = layer_mask(valid, n) | (torch.eye(n, dtype=torch.bool, device=valid.device)[None, None]
+                                      & ~valid[:, None, :, None])
         if self.impl == "eager":
             return torch.zeros(own.shape, dtype=dtype, device=own.device).masked_fill(~own, torch.finfo(dtype).min)
         return own

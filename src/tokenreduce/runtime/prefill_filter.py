@@ -65,7 +65,7 @@ from ..core.stats import Stats
 from ..core.undo import Undo
 from ..families.decoders import DecoderFamily, attention_modules, decoder_info, layer_types
 from .prompt_rewrite import continue_prompt, stand_for_prompt
-from .routing import check_implementation, probe_pass, route
+from .routing import call_arguments, check_implementation, probe_pass, route
 
 
 class _FilterDone(Exception):
@@ -172,9 +172,7 @@ class PrefillFilterAttachment:
         self._ran = True
         self._unflag()
         self._pending = None
-        bound = self._sig.bind_partial(*args, **kwargs).arguments
-        kw = {k: v for k, v in bound.items() if k != "kwargs"}
-        kw.update(bound.get("kwargs", {}))
+        kw = call_arguments(self._sig, args, kwargs)
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         x = ids if ids is not None else embeds
         if x is None:

@@ -15,6 +15,7 @@ module is exactly as before.
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 import weakref
 from contextlib import contextmanager
@@ -109,6 +110,14 @@ def route(attn: nn.Module, listener, index: int, undo: Undo) -> None:
             md.pop(_ORIGINAL, None)
 
     undo.append(unroute)
+
+
+def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """A backbone call's arguments by name (its ``**kwargs`` flattened in), as a forward pre-hook sees them."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    out = {k: v for k, v in bound.items() if k != "kwargs"}
+    out.update(bound.get("kwargs", {}))
+    return out
 
 
 # ---------------------------------------------------------------------------- probe passes
