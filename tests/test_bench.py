@@ -286,3 +286,16 @@ def test_lazy_pixels_slices():
     imgs = torch.arange(10)
     lp = LazyPixels(imgs, lambda x: x.float()[:, None] * 2)
     assert len(lp) == 10 and lp[2:5].squeeze(1).tolist() == [4.0, 6.0, 8.0]
+
+
+def test_vlm_accuracy_by_question_kind_is_reported(tmp_path):
+    from tokenreduce.bench.vlm import accuracy_by_kind, write_vlm_report
+
+    runs = [{"kinds": ["color", "shape", "color"], "correct": [True, False, False]},
+            {"kinds": ["side"], "correct": [True]}]
+    by_kind = accuracy_by_kind(runs)
+    assert by_kind == {"color": 0.5, "shape": 0.0, "side": 1.0}
+    row = {"task": "scenes", "method": "full", "budget": None, "accuracy": 0.5, "n": 4, "accuracy_by_kind": by_kind,
+           "flops_ratio": 1.0, "visual_kept_ratio": 1.0}
+    md = write_vlm_report([row], tmp_path)["markdown"].read_text()
+    assert "color 0.50 · shape 0.00 · side 1.00" in md

@@ -60,17 +60,45 @@ def test_processor_lays_out_chat_prompts_with_144_image_tokens_left_padded(vlm):
         processor(images=[qs[0]["image"]], text=["a", "b"])
 
 
-def test_a_corrupt_projector_is_refused(tmp_path, monkeypatch):
-    bad = tmp_path / "data" / minillava.PROJECTOR_FILE
-    bad.parent.mkdir()
-    shutil.copy(minillava.projector_path(), bad)
-    shutil.copy(minillava.projector_path().parent / minillava.CARD_FILE, bad.parent / minillava.CARD_FILE)
-    with open(bad, "r+b") as f:
+@pytest.mark.parametrize("file", [minillava.PROJECTOR_FILE, minillava.LORA_FILE])
+def test_corrupt_weights_are_refused(tmp_path, monkeypatch, file):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in (minillava.PROJECTOR_FILE, minillava.LORA_FILE, minillava.CARD_FILE):
+        if (minillava.projector_path().parent / name).is_file():
+            shutil.copy(minillava.projector_path().parent / name, data / name)
+    if not (data / file).is_file():
+        pytest.skip(f"{file} is not shipped (the training record lists no LoRA)")
+    with open(data / file, "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\x00" * 8)
-    monkeypatch.setattr(minillava, "projector_path", lambda: bad)
+    monkeypatch.setattr(minillava, "projector_path", lambda: data / minillava.PROJECTOR_FILE)
     with pytest.raises(ValueError, match="SHA-256"):
         minillava.load_vlm("minillava")
+
+
+def test_the_lora_is_merged_into_smollm2_attention(vlm):
+    """Each adapted projection is SmolLM2's weight plus alpha/rank * B A; the others are SmolLM2's own."""
+    from safetensors.torch import load_file
+
+    from tokenreduce.assets.llm import load_smollm2
+
+    record = minillava.projector_record()
+    if "lora" not in record:
+        pytest.skip("the training record lists no LoRA")
+    model, _ = vlm
+    base, _ = load_smollm2()
+    lora = load_file(minillava.projector_path().parent / minillava.LORA_FILE)
+    scale = record["lora"]["alpha"] / record["lora"]["rank"]
+    for i in (0, len(base.model.layers) - 1):
+        ours, theirs = model.model.language_model.layers[i], base.model.layers[i]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            want = getattr(theirs.self_attn, name).weight
+            if name in record["lora"]["targets"]:
+                key = f"layers.{i}.self_attn.{name}"
+                want = want + scale * lora[key + ".lora_B"] @ lora[key + ".lora_A"]
+            torch.testing.assert_close(getattr(ours.self_attn, name).weight, want)
+        torch.testing.assert_close(ours.mlp.up_proj.weight, theirs.mlp.up_proj.weight, rtol=0, atol=0)
 
 
 def test_fastervlm_on_the_real_model_keeps_the_top_cls_attention_patches(vlm):

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 
 def features(model, processor, images, batch: int = 32) -> torch.Tensor:
     out = []
@@ -43,9 +45,24 @@ def encode(processor, sample, with_answer: bool) -> tuple[list[int], int]:
     return ids, start
 
 
-def batch_loss(model, processor, feats, samples, image_token_id):
+def encode_conversation(processor, turns) -> tuple[list[int], list[int]]:
+    """A ChatML conversation about one image (the image in the first user turn, as at inference):
+    its ids, and the indices of the answer tokens (each answer word and its ``<|im_end|>``)."""
+    tok = processor.tokenizer
+    ids: list[int] = []
+    targets: list[int] = []
+    for k, (question, answer) in enumerate(turns):
+        prompt = processor.prompt(question, with_image=k == 0)
+        ids += processor._ids(prompt if k == 0 else "\n" + prompt)
+        answer_ids = tok.encode(answer + "<|im_end|>", add_special_tokens=False)
+        targets += range(len(ids), len(ids) + len(answer_ids))
+        ids += answer_ids
+    return ids, targets
+
+
+def batch_loss(model, processor, feats, conversations, image_token_id):
     """Cross-entropy of the answer tokens; right padding, so default positions are right."""
-    rows = [encode(processor, s, True) for s in samples]
+    rows = [encode_conversation(processor, turns) for turns in conversations]
     width = max(len(r) for r, _ in rows)
     ids = torch.tensor([r + [0] * (width - len(r)) for r, _ in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
@@ -54,8 +71,8 @@ def batch_loss(model, processor, feats, samples, image_token_id):
     embeds = embeds.masked_scatter((ids == image_token_id).unsqueeze(-1), image.to(embeds.dtype))
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     pos, tgt = [], []
-    for b, (r, start) in enumerate(rows):
-        for t in range(start, len(r)):
+    for b, (r, targets) in enumerate(rows):
+        for t in targets:
             pos.append((b, t - 1))
             tgt.append(r[t])
     h = torch.stack([hidden[b, t] for b, t in pos])
@@ -82,34 +99,104 @@ def first_token_accuracy(model, processor, feats, samples, image_token_id, batch
     return correct / len(samples)
 
 
-def save(model, out: Path, record: dict) -> None:
+class LoRA(torch.nn.Module):
+    """``base(x) + (alpha / rank) * x A^T B^T`` with B = 0 at the start, so training starts from SmolLM2."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = torch.nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (x @ self.lora_A.T) @ self.lora_B.T
+
+
+def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]) -> dict[str, LoRA]:
+    adapters = {}
+    for i, layer in enumerate(model.model.language_model.layers):
+        for name in targets:
+            adapter = LoRA(getattr(layer.self_attn, name), rank, alpha)
+            setattr(layer.self_attn, name, adapter)
+            adapters[f"layers.{i}.self_attn.{name}"] = adapter
+    return adapters
+
+
+def save(model, adapters, out: Path, record: dict) -> None:
     from safetensors.torch import save_file
 
-    from tokenreduce.assets.minillava import CARD_FILE, PROJECTOR_FILE, _sha256
+    from tokenreduce.assets.minillava import CARD_FILE, LORA_FILE, PROJECTOR_FILE, _sha256
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
-    save_file(state, out / (PROJECTOR_FILE + ".tmp"))
-    (out / (PROJECTOR_FILE + ".tmp")).replace(out / PROJECTOR_FILE)
+    files = {PROJECTOR_FILE: model.model.multi_modal_projector.state_dict()}
+    if adapters:
+        files[LORA_FILE] = {
+            f"{name}.{part}": getattr(a, part) for name, a in adapters.items() for part in ("lora_A", "lora_B")
+        }
+    for name, state in files.items():
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, out / (name + ".tmp"))
+        (out / (name + ".tmp")).replace(out / name)
     record = dict(record, sha256=_sha256(out / PROJECTOR_FILE))
+    if adapters:
+        record["lora_sha256"] = _sha256(out / LORA_FILE)
     (out / CARD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def easyvqa_conversations(n: int, seed: int) -> list[dict]:
+    """``n`` easy-vqa training images, each with a colour, a shape and a yes/no question (yes = no overall)."""
+    from PIL import Image
+
+    import easy_vqa as ev
+
+    from tokenreduce.assets.vqa import _easyvqa_kind
+
+    questions, answers, ids = ev.get_train_questions()
+    paths = ev.get_train_image_paths()
+    by_image: dict[int, dict[str, list]] = {}
+    for q, a, i in zip(questions, answers, ids):
+        kind = _easyvqa_kind(q, a)
+        by_image.setdefault(i, {}).setdefault(a if kind == "yesno" else kind, []).append((q[0].upper() + q[1:], a))
+    rng = random.Random(seed)
+    images = sorted(by_image)
+    rng.shuffle(images)
+    out = []
+    for i in images[:n]:
+        pools = by_image[i]
+        turns = [rng.choice(pools[k]) for k in ("color", "shape") if k in pools]
+        yesno = [k for k in (rng.choice(("yes", "no")), "yes", "no") if k in pools]
+        if yesno:
+            turns.append(rng.choice(pools[yesno[0]]))
+        rng.shuffle(turns)
+        with Image.open(paths[i]) as im:
+            out.append({"image": im.convert("RGB"), "turns": turns})
+    return out
+
+
+def scene_conversations(n: int, seed: int, **options) -> list[dict]:
+    from tokenreduce.assets.vqa import scene_samples, scene_turns
+
+    rng = random.Random(seed)
+    return [{"image": s["image"], "turns": scene_turns(s, rng)} for s in scene_samples("train", n, seed, **options)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--warm-steps", type=int, default=150, help="curriculum: steps on easy scenes + easy-vqa")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warm-steps", type=int, default=40, help="curriculum: steps on easy scenes + easy-vqa")
+    ap.add_argument("--batch", type=int, default=8, help="conversations per step (each asks 1-4 questions)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--n-scenes", type=int, default=5000)
-    ap.add_argument("--n-easy-scenes", type=int, default=2000)
-    ap.add_argument("--n-easyvqa", type=int, default=3000)
-    ap.add_argument("--n-eval", type=int, default=96)
-    ap.add_argument("--save-every", type=int, default=25)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--lora-rank", type=int, default=16, help="0: projector only")
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
+    ap.add_argument("--n-scenes", type=int, default=2400)
+    ap.add_argument("--n-easy-scenes", type=int, default=600)
+    ap.add_argument("--n-easyvqa", type=int, default=1200)
+    ap.add_argument("--n-eval", type=int, default=64)
+    ap.add_argument("--save-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, default=None, help="start from these projector weights")
+    ap.add_argument("--cache", type=Path, default=Path("runs/minillava_features.pt"), help="tower features")
     ap.add_argument("--out", type=Path, default=Path("src/tokenreduce/assets/data"))
     args = ap.parse_args()
 
@@ -126,21 +213,30 @@ def main() -> None:
         model.model.multi_modal_projector.load_state_dict(load_file(args.init))
     for p in model.parameters():
         p.requires_grad_(False)
-    projector = model.model.multi_modal_projector
-    for p in projector.parameters():
+    adapters = add_lora(model, args.lora_rank, args.lora_alpha, LORA_TARGETS) if args.lora_rank else {}
+    trained = list(model.model.multi_modal_projector.parameters())
+    for p in trained:
         p.requires_grad_(True)
+    trained += [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
 
     data = {
-        "easy_scenes": samples("scenes", "train", args.n_easy_scenes, args.seed + 7, min_objects=1, max_objects=2),
-        "scenes": samples("scenes", "train", args.n_scenes, args.seed),
-        "easyvqa": samples("easyvqa", "train", args.n_easyvqa, args.seed),
+        "easy_scenes": scene_conversations(args.n_easy_scenes, args.seed + 7, min_objects=1, max_objects=2),
+        "scenes": scene_conversations(args.n_scenes, args.seed),
+        "easyvqa": easyvqa_conversations(args.n_easyvqa, args.seed),
     }
     held = {"scenes": samples("scenes", "test", args.n_eval), "easyvqa": samples("easyvqa", "test", args.n_eval)}
-    feats = {k: features(model, processor, [s["image"] for s in v]) for k, v in data.items()}
-    held_feats = {k: features(model, processor, [s["image"] for s in v]) for k, v in held.items()}
+    key = [args.n_easy_scenes, args.n_scenes, args.n_easyvqa, args.n_eval, args.seed]
+    cached = torch.load(args.cache) if args.cache.is_file() else None
+    if cached is not None and cached["key"] == key:
+        feats, held_feats = cached["feats"], cached["held_feats"]
+    else:
+        feats = {k: features(model, processor, [s["image"] for s in v]) for k, v in data.items()}
+        held_feats = {k: features(model, processor, [s["image"] for s in v]) for k, v in held.items()}
+        args.cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "feats": feats, "held_feats": held_feats}, args.cache)
     print(f"data and features: {time.time() - t0:.0f} s", flush=True)
 
-    opt = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     rng = random.Random(args.seed)
     orders = {k: list(range(len(v))) for k, v in data.items()}
     cursors = {k: len(v) for k, v in orders.items()}
@@ -153,6 +249,8 @@ def main() -> None:
         return orders[name][cursors[name] - 1]
 
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "log": []}
+    if adapters:
+        record["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": list(LORA_TARGETS)}
     model.train()
     t_train = time.time()
     for step in range(1, args.steps + 1):
@@ -164,10 +262,10 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         f = torch.stack([feats[n][i] for n, i in picks])
-        loss = batch_loss(model, processor, f, [data[n][i] for n, i in picks], IMAGE_TOKEN_ID)
+        loss = batch_loss(model, processor, f, [data[n][i]["turns"] for n, i in picks], IMAGE_TOKEN_ID)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         if step % 5 == 0:
             print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - t_train:.0f} s", flush=True)
@@ -179,7 +277,7 @@ def main() -> None:
             print(f"step {step} held-out first-token accuracy {acc}", flush=True)
         if step % args.save_every == 0 or step == args.steps:
             record.update(step=step, train_seconds=round(time.time() - t_train), total_seconds=round(time.time() - t0))
-            save(model, args.out, record)
+            save(model, adapters, args.out, record)
     print(f"done: {args.steps} steps in {time.time() - t_train:.0f} s ({time.time() - t0:.0f} s total)", flush=True)
 
 

@@ -27,6 +27,7 @@ IMAGE_SIZE = 168
 PATCH = 14
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
 PROJECTOR_FILE = "minillava_projector.safetensors"
+LORA_FILE = "minillava_lora.safetensors"  # low-rank deltas of SmolLM2's attention projections, merged on load
 CARD_FILE = "minillava_projector.json"  # checksum and training record, written by the training script
 
 
@@ -73,22 +74,38 @@ def build_minillava(attn_implementation: str = "sdpa", cache_dir: str | Path | N
 def load_vlm(name: str = "minillava", attn_implementation: str = "sdpa", cache_dir: str | Path | None = None):
     """``(model, processor)`` of a bundled VLM; today only ``"minillava"``.
 
-    Raises FileNotFoundError if the projector weights are missing and ValueError if their SHA-256
-    does not match the training record.
+    The trained projector is loaded and, when the training record lists a LoRA, its low-rank deltas
+    are merged into SmolLM2's attention projections (``W + alpha/rank * B A``), so the model is a plain
+    ``LlavaForConditionalGeneration``. Raises FileNotFoundError if a weights file is missing and
+    ValueError if one does not match its recorded SHA-256.
     """
     if name != "minillava":
         raise ValueError(f"unknown VLM {name!r}; the bundled one is 'minillava'")
     from safetensors.torch import load_file
 
-    path = projector_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"mini-LLaVA projector weights not found at {path}; run tools/train_minillava.py")
-    expected = projector_record()["sha256"]
-    if _sha256(path) != expected:
-        raise ValueError(f"{path} does not match its recorded SHA-256 {expected}; the file is corrupt or stale")
+    record = projector_record()
     model, processor = build_minillava(attn_implementation=attn_implementation, cache_dir=cache_dir)
-    model.model.multi_modal_projector.load_state_dict(load_file(path))
+    model.model.multi_modal_projector.load_state_dict(load_file(_checked(PROJECTOR_FILE, record["sha256"])))
+    if "lora" in record:
+        lora = load_file(_checked(LORA_FILE, record["lora_sha256"]))
+        scale = record["lora"]["alpha"] / record["lora"]["rank"]
+        layers = model.model.language_model.layers
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                for target in record["lora"]["targets"]:
+                    key = f"layers.{i}.self_attn.{target}"
+                    delta = lora[key + ".lora_B"].float() @ lora[key + ".lora_A"].float()
+                    getattr(layer.self_attn, target).weight += scale * delta
     return model.eval(), processor
+
+
+def _checked(file: str, sha256: str) -> Path:
+    path = projector_path().parent / file
+    if not path.is_file():
+        raise FileNotFoundError(f"mini-LLaVA weights not found at {path}; run tools/train_minillava.py")
+    if _sha256(path) != sha256:
+        raise ValueError(f"{path} does not match its recorded SHA-256 {sha256}; the file is corrupt or stale")
+    return path
 
 
 class MiniLlavaProcessor:

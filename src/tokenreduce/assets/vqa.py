@@ -153,8 +153,8 @@ def _place(rng: random.Random, count: int, size: int) -> list[tuple[float, float
                     return placed
 
 
-def _scene_question(rng: random.Random, kind: str, objects, size: int):
-    shape, colour, cx, _, _ = objects[0]  # objects are shuffled: the first one is the target
+def _scene_question(rng: random.Random, kind: str, objects, size: int, target: int = 0):
+    shape, colour, cx, _, _ = objects[target]  # objects are shuffled: the first one is the default target
     if kind == "color":
         return f"What color is the {shape}?", colour
     if kind == "shape":
@@ -167,7 +167,7 @@ def _scene_question(rng: random.Random, kind: str, objects, size: int):
     if rng.random() < 0.5:
         return f"Is there a {colour} {shape}?", "yes"
     if len(objects) > 1:
-        other_shape = objects[1][0]
+        other_shape = objects[(target + 1) % len(objects)][0]
     else:
         other_shape = rng.choice([s for s in SCENE_SHAPES if s != shape])
     return f"Is there a {colour} {other_shape}?", "no"
@@ -201,6 +201,18 @@ def scene_samples(
             }
         )
     return out
+
+
+def scene_turns(sample: dict[str, Any], rng: random.Random, size: int = SCENE_SIZE) -> list[tuple[str, str]]:
+    """One question of a random kind about each object of a scene sample, in random order (for training
+    on multi-turn conversations; the same templates and answers as the single questions)."""
+    objects = [(s, c, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2) for s, c, x0, y0, x1, y1 in sample["boxes"]]
+    turns = []
+    for target in rng.sample(range(len(objects)), len(objects)):
+        qa = _scene_question(rng, rng.choice(("color", "shape", "exists", "side")), objects, size, target)
+        if qa is not None:
+            turns.append(qa)
+    return turns
 
 
 def is_correct(sample: dict[str, Any], generated: str) -> bool:

@@ -180,7 +180,8 @@ class _VLMTask(Task):
                     finally:
                         hook.remove()
         texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        run = {"correct": [is_correct(s, t) for s, t in zip(batch, texts)], "n": len(batch),
+        run = {"correct": [is_correct(s, t) for s, t in zip(batch, texts)], "kinds": [s["kind"] for s in batch],
+               "n": len(batch),
                "kv_bytes": seen.get("kv_bytes", 0)}
         if "stats" in seen:
             run.update(self._prefill_fields(seen["stats"]))
@@ -224,6 +225,7 @@ class _VLMTask(Task):
         method = FULL_NAME if cell.full else cell.method
         row: dict[str, Any] = {"task": self.cfg.task, "method": method, "budget": None if cell.full or
                                cell.method == BLIND else cell.budget, "accuracy": acc, "n": n,
+                               "accuracy_by_kind": accuracy_by_kind(runs),
                                "kv_bytes_per_sample": sum(r["kv_bytes"] * r["n"] for r in runs) / n}
         visual = self.visual
         lm_full = full_runs[0].get("lm_flops_full") or self._lm_full_flops()
@@ -301,9 +303,20 @@ class _VLMTask(Task):
         draw_kept(self.pictures, out / "kept", self.processor.num_image_tokens)
 
 
+def accuracy_by_kind(runs: Sequence[dict]) -> dict[str, float]:
+    """Accuracy per question kind (colour, shape, ...), in the order the kinds first appear."""
+    hits: dict[str, list[bool]] = {}
+    for r in runs:
+        for kind, ok in zip(r["kinds"], r["correct"]):
+            hits.setdefault(kind, []).append(ok)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
 # ---------------------------------------------------------------------------- report
 def vlm_columns(rows: Sequence[dict]) -> list[Column]:
     cols = [Column("method"), Column("budget", "keep_ratio", ".2f"), Column("accuracy", "accuracy", ".3f"),
+            Column("accuracy_by_kind", "by question kind",
+                   lambda v: " · ".join(f"{k} {a:.2f}" for k, a in v.items()) if v else "—"),
             Column("n"), Column("visual_kept", "visual tokens (mean over layers)", ".1f"),
             Column("visual_per_layer", "per layer (first, last)",
                    lambda v: f"{v[0]:.0f} → {v[-1]:.0f}" if v else "—"),
