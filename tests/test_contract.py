@@ -65,6 +65,17 @@ def vision(family: str) -> Callable[[], nn.Module]:
     return functools.partial(tiny, family)
 
 
+def sharpened_clip(factor: float = 32.0) -> nn.Module:
+    """conftest's tiny CLIP with every attention's Q and K weights scaled by ``factor``: random tiny weights attend
+    almost uniformly ([CLS] entropy ~0.9995), trained towers do not; a method whose counts follow the [CLS]
+    attention's entropy (flowcut) then drops tokens before its last block, and per image."""
+    model = tiny("clip")
+    for layer in model.encoder.layers:
+        layer.self_attn.q_proj.weight.data *= factor
+        layer.self_attn.k_proj.weight.data *= factor
+    return model
+
+
 def lm(arch: str, layers: int = 2) -> Callable[[], nn.Module]:
     """A tiny random causal LM of tiny_lm (4 query heads, 2 KV heads, vocabulary 128)."""
     return functools.partial(tiny_lm, arch, layers=layers)
@@ -153,6 +164,14 @@ CONTRACT: dict[str, Row] = {
     "evit": Row(vision("dinov2_cls"), {}, never_fires=dict(keep_rate=0.5, locations=(10,)), budget_tol=0.02,
                 budget_why="keep_ratio solves EViT's keep rate (a float), but ceil() of kept tokens at 3 of 4 blocks "
                            "plus the fused token leaves ~1 token per block of slack (1/65 = 0.015)"),
+    "flowcut": Row(sharpened_clip, {}, budget_tol=0.04,
+                   never_fires="scores from block 0 of any encoder it attaches to (no layer selection; block 0 runs "
+                               "even with nothing to drop), so it fires on every forward that runs the encoder; only a "
+                               "forward that skips the encoder is silent",
+                   budget_why="FlowCut's counts follow each image's [CLS] attention entropy H; keep_ratio picks the "
+                              "target whose schedule at H = 0 (the largest drops) meets it, and an image keeps more "
+                              "(flowcut.py docstring). Here H ~ 1/3 at the drop blocks (4 heads, each concentrated on "
+                              "its own token), so drops are ~(1 - H^2) = 0.89 of the largest: 0.531 measured"),
     "random": Row(vision("deit"), {}, never_fires=dict(keep_rate=0.5, locations=(10,)), budget_tol=0.02,
                   batch_invariant="draws its scores over the whole batch [B, N] from one seeded generator, so a "
                                   "sample's kept tokens depend on its place in the batch (not documented as "

@@ -42,10 +42,11 @@ class EncoderInfo:
 
 class Signal(str, Enum):
     """An attention signal a method requests in its ``signals``; the runtime computes only what is requested,
-    from Q and K (`scoring.attention`), and never switches the model to eager attention."""
+    from Q, K and V (`scoring.attention`), and never switches the model to eager attention."""
 
     KEYS = "keys"  # encoder: a block's keys [B, H, N, D]; kv-cache: the cached keys
     QUERIES = "queries"  # encoder: a block's queries [B, H, N, D]
+    VALUES = "values"  # encoder: a block's values [B, H, N, D] (as the attention function receives them)
     SCALE = "scale"  # encoder: the attention scale
     CLS_ATTN = "cls_attn"  # encoder: the [CLS] softmax row [B, H, N]
     ATTN = "attn"  # encoder: the whole softmax map [B, H, N, N]

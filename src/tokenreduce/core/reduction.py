@@ -185,8 +185,8 @@ class Reduction:
         Attention a token *receives* (the [CLS] row ``cls_attn`` [B, H, N], the columns of
         ``attn`` [B, H, N, N]) is summed over the tokens each output covers, which is what
         proportional attention gives a merged token whose sources had equal keys; per-token
-        vectors (``keys``, ``queries`` [B, H, N, D]) and the rows of ``attn`` are reduced as the
-        hidden states are (size-weighted means). Other entries (``scale``) carry over unchanged.
+        vectors (``keys``, ``queries``, ``values`` [B, H, N, D]) and the rows of ``attn`` are reduced as
+        the hidden states are (size-weighted means). Other entries (``scale``) carry over unchanged.
         """
         out = dict(signals)
         cover = None
@@ -197,7 +197,7 @@ class Reduction:
             out["cls_attn"] = torch.einsum("bhn,bmn->bhm", signals["cls_attn"], cover)
         if "attn" in signals:
             out["attn"] = torch.einsum("bhrn,bmn->bhrm", self.apply(signals["attn"]), cover)
-        for name in ("keys", "queries"):
+        for name in ("keys", "queries", "values"):
             if name in signals:
                 out[name] = self.apply(signals[name])
         return out

@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     evit,
     fastervlm,
     fastv,
+    flowcut,
     gemfilter,
     h2o,
     keyformer,

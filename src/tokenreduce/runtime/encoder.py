@@ -7,9 +7,9 @@ How it attaches (all undone exactly by `EncoderAttachment.remove`):
   before the MLP (where ToMe merges), and no hook reaches that point.
 * The attention modules of those blocks are routed (`runtime.routing`) to `attend`, which
   adds the key bias (``log size`` for proportional attention, a mask for padded tokens),
-  computes only the signals the methods asked for (keys, the [CLS] row, full probabilities)
-  from Q and K, and then calls the model's own implementation (SDPA by default) — the model
-  is never switched to eager.
+  computes only the signals the methods asked for (keys, values, the [CLS] row, full
+  probabilities) from Q, K and V, and then calls the model's own implementation (SDPA by
+  default) — the model is never switched to eager.
 * Methods may also reduce a block's *input*, before its attention
   (`EncoderMethod.reduce_before_attention`, MCTF's one-step-ahead fusion). They get a
   ``probe()`` that runs the block's own attention module on the current tokens only as far
@@ -24,8 +24,8 @@ attention part and MLP part; this module does the rest, once for all families.
 Several methods in one tower run in the order given, at each block. A method that reduces
 after another one at the same block sees that block's attention signals carried through
 the earlier reduction (`Reduction.carry_signals`: attention received is summed over merged
-tokens, keys and queries are averaged as the hidden states). Two rules are checked before
-any work: a method that fixes a block's attention (``runs_alone``: MCTF) is the only
+tokens, keys, queries and values are averaged as the hidden states). Two rules are checked
+before any work: a method that fixes a block's attention (``runs_alone``: MCTF) is the only
 encoder method; a method that needs the intact patch grid (``needs_grid``: pool) reduces
 before every other method does.
 """
@@ -229,25 +229,27 @@ class EncoderAttachment:
         if bias is not None:
             attention_mask = bias if attention_mask is None else attention_mask + bias
         if self._probing is not None:
-            self._observe(query, key, attention_mask, kwargs.get("scaling"), self._probing)
+            self._observe(query, key, value, attention_mask, kwargs.get("scaling"), self._probing)
             raise _Probed()
         if self._override is not None:  # a method fixed this block's attention (e.g. MCTF's merged map)
             probs = self._override.to(value.dtype)
             if self._needs:
-                self._observe(query, key, attention_mask, kwargs.get("scaling"), self._needs, probs)
+                self._observe(query, key, value, attention_mask, kwargs.get("scaling"), self._needs, probs)
             return (probs @ value).transpose(1, 2).contiguous(), probs
         if self._needs:
-            self._observe(query, key, attention_mask, kwargs.get("scaling"), self._needs)
+            self._observe(query, key, value, attention_mask, kwargs.get("scaling"), self._needs)
         return proceed(query, key, value, attention_mask, **kwargs)
 
-    def _observe(self, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, needs: set,
-                 probs: Tensor | None = None):
+    def _observe(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float | None,
+                 needs: set, probs: Tensor | None = None):
         """Only the attention rows the methods asked for, from Q and K (or the override ``probs``)."""
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if "keys" in needs:
             self.signals["keys"] = key
         if "queries" in needs:
             self.signals["queries"] = query
+        if "values" in needs:
+            self.signals["values"] = value
         if "cls_attn" in needs:
             self.signals["cls_attn"] = probs[:, :, 0] if probs is not None else cls_attention(query, key, mask, scale)
         if "attn" in needs:
@@ -303,7 +305,8 @@ def check_composition(methods: list[EncoderMethod]) -> None:
 
 
 def _probe_flops(n: int, hidden: int, names) -> float:
-    """A probe's work on ``n`` tokens: the module's Q/K/V projections plus the Q K^T its signals need."""
+    """A probe's work on ``n`` tokens: the module's Q/K/V projections (keys, queries and values cost nothing more)
+    plus the Q K^T its signals need."""
     flops = 2.0 * n * hidden * 3 * hidden
     if "attn" in names:
         flops += 2.0 * n * n * hidden
