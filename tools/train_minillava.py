@@ -142,6 +142,39 @@ def save(model, adapters, out: Path, record: dict) -> None:
     (out / CARD_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
+def object_patches(samples, feats, tokenizer, embeddings, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tower features of the patches inside a scene object (centre within 0.7 of its radius), and as target
+    the mean of SmolLM2's input embeddings of the object's colour and shape words (their first tokens)."""
+    grid = int(math.isqrt(feats.shape[1]))
+    step = size / grid
+    first = lambda word: tokenizer.encode(word, add_special_tokens=False)[0]  # noqa: E731
+    inputs, targets = [], []
+    for i, sample in enumerate(samples):
+        for shape, colour, x0, y0, x1, y1 in sample["boxes"]:
+            cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+            target = (embeddings[first(colour)] + embeddings[first(shape)]) / 2
+            for p in range(grid * grid):
+                if ((p % grid + 0.5) * step - cx) ** 2 + ((p // grid + 0.5) * step - cy) ** 2 < (0.7 * r) ** 2:
+                    inputs.append(feats[i, p].float())
+                    targets.append(target)
+    return torch.stack(inputs), torch.stack(targets)
+
+
+def align_projector(projector, inputs, targets, steps: int, lr: float, seed: int) -> float:
+    """Regress the projector's output on object patches to their word-embedding targets (no language model
+    in the loop: seconds, not hours), so that training with the language model starts from visual tokens
+    that already sit near the words they show. Returns the last batch's mean squared error."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(projector.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(inputs), (512,), generator=gen)
+        loss = ((projector(inputs[idx]) - targets[idx]) ** 2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
 def easyvqa_conversations(n: int, seed: int) -> list[dict]:
     """``n`` easy-vqa training images, each with a colour, a shape and a yes/no question (yes = no overall)."""
     from PIL import Image
@@ -176,7 +209,8 @@ def scene_conversations(n: int, seed: int, **options) -> list[dict]:
     from tokenreduce.assets.vqa import scene_samples, scene_turns
 
     rng = random.Random(seed)
-    return [{"image": s["image"], "turns": scene_turns(s, rng)} for s in scene_samples("train", n, seed, **options)]
+    return [{"image": s["image"], "turns": scene_turns(s, rng), "boxes": s["boxes"], "size": s["image"].size[0]}
+            for s in scene_samples("train", n, seed, **options)]
 
 
 def main() -> None:
@@ -190,6 +224,8 @@ def main() -> None:
     ap.add_argument("--n-scenes", type=int, default=2400)
     ap.add_argument("--n-easy-scenes", type=int, default=600)
     ap.add_argument("--n-easyvqa", type=int, default=1200)
+    ap.add_argument("--align-steps", type=int, default=0,
+                    help="first align the projector to word embeddings on object patches (see align_projector)")
     ap.add_argument("--n-eval", type=int, default=64)
     ap.add_argument("--save-every", type=int, default=10)
     ap.add_argument("--eval-every", type=int, default=40)
@@ -235,6 +271,15 @@ def main() -> None:
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"key": key, "feats": feats, "held_feats": held_feats}, args.cache)
     print(f"data and features: {time.time() - t0:.0f} s", flush=True)
+    if args.align_steps:
+        embeddings = model.model.language_model.embed_tokens.weight.detach()
+        pairs = [object_patches(data[k], feats[k], processor.tokenizer, embeddings, data[k][0]["size"])
+                 for k in ("easy_scenes", "scenes")]
+        with torch.enable_grad():
+            err = align_projector(model.model.multi_modal_projector, torch.cat([p[0] for p in pairs]),
+                                  torch.cat([p[1] for p in pairs]), args.align_steps, args.lr, args.seed)
+        print(f"aligned the projector on {sum(len(p[0]) for p in pairs)} object patches: mse {err:.3f}, "
+              f"{time.time() - t0:.0f} s", flush=True)
 
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     rng = random.Random(args.seed)
