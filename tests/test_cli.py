@@ -65,6 +65,75 @@ def test_vlm_bench_usage_errors_before_anything_loads(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def _no_model_load(monkeypatch):
+    """Fail the test if the mini-LLaVA starts loading: usage errors come first."""
+    import tokenreduce.assets.minillava as minillava
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the usage error")
+    monkeypatch.setattr(minillava, "load_vlm", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search-schedule", "--method", "fastervlm"], "works at the connector stage"),
+    (["search-schedule", "--method", "tome"], "works at the encoder stage"),
+    (["search-schedule", "--method", "nosuch"], "unknown method 'nosuch'"),
+    (["search-schedule", "--search", "bayes"], "unknown search 'bayes'"),
+    (["search-schedule", "--search", "p-sigmoid"], "needs --budget"),
+    (["search-schedule", "--search", "p-sigmoid", "--budget", "1.5"], "out of range"),
+    (["search-schedule", "--search", "p-sigmoid", "--budget", "0.25", "--tolerance", "0.1"], "G-Search's"),
+    (["search-schedule", "--search", "g", "--budget", "0.25"], "--budget is P-Sigmoid's"),
+    (["search-schedule", "--trials", "5"], "--trials is P-Sigmoid's"),
+    (["search-schedule", "--tolerance", "-1"], "--tolerance must be >= 0"),
+    (["search-schedule", "--layers", "4,2"], "distinct ascending"),
+    (["search-schedule", "--layers", "0,2"], "distinct ascending"),
+    (["search-schedule", "--task", "coco"], "invalid choice"),
+    (["search-schedule", "--n", "0"], "positive integer"),
+])
+def test_search_schedule_usage_errors_before_the_model_loads(argv, message, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_search_schedule_without_optuna_says_what_to_install_before_the_model_loads(capsys, monkeypatch):
+    import builtins
+
+    _no_model_load(monkeypatch)
+    real_import = builtins.__import__
+
+    def no_optuna(name, *args, **kwargs):
+        if name == "optuna" or name.startswith("optuna."):
+            raise ImportError("No module named 'optuna'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    with pytest.raises(SystemExit) as e:
+        main(["search-schedule", "--search", "p-sigmoid", "--budget", "0.25"])
+    assert e.value.code == 2 and "pip install 'tokenreduce[search]'" in capsys.readouterr().err
+
+
+def test_bench_vlm_schedule_usage_errors_before_anything_loads(tmp_path, capsys, monkeypatch):
+    from tokenreduce.core.schedule import Schedule
+
+    _no_model_load(monkeypatch)
+    good = Schedule(((2, 0.5),), 30, 144, {"search": "g-search"}).save(tmp_path / "s.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "tokenreduce.schedule", "version": 1, "drops": [[3, 0.5], [2, 0.9]]}')
+    for argv, message in [
+        (["--schedule", str(good), "--methods", "fastervlm,fastv"], "fastervlm is a connector method"),
+        (["--schedule", str(good), "--methods", "visionzip,visual_pool"], "are connector methods"),
+        (["--schedule", str(tmp_path / "missing.json")], "no schedule file"),
+        (["--schedule", str(bad), "--methods", "fastv"], "strictly ascending"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "vlm", *argv])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_small_real_run(tmp_path, capsys):
     out = tmp_path / "vit"

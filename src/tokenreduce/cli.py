@@ -4,6 +4,7 @@
     tokenreduce bench vit [options]       DINOv2-S: accuracy / fidelity / FLOPs / throughput per method and budget
     tokenreduce bench kv [options]        SmolLM2: long-context recall, KV bytes, prefill/decode time per method and ratio
     tokenreduce bench vlm [options]       mini-LLaVA: VQA accuracy / FLOPs by stage / prefill time per visual-token method
+    tokenreduce search-schedule [options] an in-LLM method's per-layer schedule searched on calibration questions
 
 Exit status: 0 on success, 2 for a usage error (unknown method, budget out of range, ...),
 1 when a run fails.
@@ -51,7 +52,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenreduce",
                                      description="Training-free token reduction: methods and benchmarks.")
-    sub = parser.add_subparsers(dest="command", metavar="{list,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{list,bench,search-schedule}")
     sub.required = True
 
     p_list = sub.add_parser("list", help="table of registered methods")
@@ -132,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--model", default="minillava", help="the bundled VLM")
     s.add_argument("--task", default="scenes", choices=("easyvqa", "scenes"), help="held-out questions of this task")
-    s.add_argument("--methods", type=_comma_names,
-                   default=["fastervlm", "visionzip", "visual_random", "visual_pool", "fastv", "pyramiddrop"],
-                   help="comma-separated connector / in-LLM methods")
+    s.add_argument("--methods", type=_comma_names, default=None,
+                   help="comma-separated connector / in-LLM methods (default: fastervlm, visionzip, visual_random, "
+                        "visual_pool, fastv, pyramiddrop; with --schedule: the in-LLM methods)")
     s.add_argument("--budgets", type=_comma_floats, default=[0.5, 0.25, 0.1],
                    help="comma-separated keep_ratio budgets: the fraction of visual tokens kept")
     s.add_argument("--n", type=_positive_int, default=200, help="questions")
@@ -144,8 +145,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-timing", action="store_true", help="skip prefill / decode timing and memory")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="results/vlm", help="output folder (results.jsonl, results.md, pareto.png, kept/)")
+    s.add_argument("--schedule", default=None, metavar="FILE",
+                   help="a saved per-layer schedule (tokenreduce search-schedule): each listed in-LLM method also runs "
+                        "it, one extra row each, labelled 'searched'")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(subparser=s)
+
+    g = sub.add_parser(
+        "search-schedule", help="search an in-LLM method's per-layer visual-token schedule on calibration questions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Search the visual tokens an in-LLM method (fastv, pyramiddrop) keeps at each layer of the "
+                    "mini-LLaVA's language model, on questions of the task's calibration split (never the held-out "
+                    "ones bench vlm reports), and save the schedule as JSON for bench vlm --schedule or "
+                    "get_method(name, schedule=FILE). Searches from arXiv 2412.00556.",
+        epilog="searches:\n"
+               "  g          G-Search: shallow to deep, the fewest tokens each layer keeps with the calibration score\n"
+               "             held (>= unreduced - --tolerance)\n"
+               "  p-sigmoid  P-Sigmoid: a decreasing sigmoid over depth, tuned by Bayesian optimisation (Optuna) for\n"
+               "             the best calibration score within --budget's FLOPs\n\n"
+               "--budget is a keep_ratio: the FLOPs budget is what the method's own schedule at that keep_ratio\n"
+               "costs, so the searched schedule and the method's fixed one compare at the same FLOPs.")
+    g.add_argument("--method", default="fastv",
+                   help="the in-LLM method whose scoring runs the schedule (default: fastv)")
+    g.add_argument("--search", default="g", help="g or p-sigmoid (default: g)")
+    g.add_argument("--task", default="scenes", choices=("easyvqa", "scenes"), help="calibration questions of this task")
+    g.add_argument("--n", type=_positive_int, default=64, help="calibration questions (default: 64)")
+    g.add_argument("--budget", type=float, default=None,
+                   help="p-sigmoid: a keep_ratio in (0, 1) whose FLOPs the schedule may spend, e.g. 0.25")
+    g.add_argument("--tolerance", type=float, default=None,
+                   help="g: the calibration score drop allowed (default: 0, no drop)")
+    g.add_argument("--layers", type=_comma_ints, default=None,
+                   help="g: candidate drop layers, e.g. 2,4,6,8 (default: every layer from 1; fewer is faster)")
+    g.add_argument("--trials", type=_positive_int, default=None, help="p-sigmoid: optimiser trials (default: 30)")
+    g.add_argument("--sampler", default="gp", choices=("gp", "tpe"),
+                   help="p-sigmoid: Optuna's Gaussian-process BO (gp) or TPE (default: gp)")
+    g.add_argument("--objective", default="accuracy", choices=("accuracy", "agreement"),
+                   help="first-token accuracy on the answers, or agreement with the unreduced model (default: "
+                        "accuracy)")
+    g.add_argument("--batch-size", type=_positive_int, default=16)
+    g.add_argument("--seed", type=int, default=0, help="calibration sample and optimiser seed (default: 0)")
+    g.add_argument("--out", default="schedule.json", help="where to save the schedule (default: schedule.json)")
+    g.add_argument("--no-progress", action="store_true", help="no line per evaluation")
+    g.set_defaults(subparser=g)
     return parser
 
 
@@ -228,22 +269,52 @@ def _bench_kv(args, parser) -> int:
 
 def _bench_vlm(args, parser) -> int:
     from .bench.runner import check_keep_ratios
-    from .bench.vlm import VLMBenchConfig, check_methods, run_vlm_bench
+    from .bench.vlm import VLMBenchConfig, check_methods, check_schedule_methods, in_llm_method_names, run_vlm_bench
     from .core.errors import TokenReduceError
+    from .core.schedule import load
 
+    schedule = None
     try:  # usage errors first, before anything slow
-        methods = check_methods(args.methods)
+        names = args.methods
+        if names is None:
+            names = (in_llm_method_names() if args.schedule is not None else
+                     ["fastervlm", "visionzip", "visual_random", "visual_pool", "fastv", "pyramiddrop"])
+        methods = check_methods(names)
         budgets = check_keep_ratios(args.budgets, "budget", "the fraction of visual tokens kept", "--budgets 0.5,0.25")
+        if args.schedule is not None:
+            check_schedule_methods(methods)
+            schedule = load(args.schedule)
+    except FileNotFoundError as e:
+        parser.error(f"--schedule: {e}")
     except TokenReduceError as e:
         parser.error(str(e))
     cfg = VLMBenchConfig(model=args.model, task=args.task, methods=methods, budgets=budgets, n=args.n,
                          batch_size=args.batch_size, timing=not args.no_timing, timing_repeats=args.timing_repeats,
-                         pictures=args.pictures, seed=args.seed, out=args.out)
+                         pictures=args.pictures, seed=args.seed, out=args.out, schedule=schedule)
     t0 = time.perf_counter()
     run_vlm_bench(cfg, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())
     print(f"\nwrote {args.out}/results.jsonl, results.md, pareto.png, kept/ in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
+    return 0
+
+
+def _search_schedule(args, parser) -> int:
+    from .core.errors import TokenReduceError
+    from .search.vlm import SearchConfig, check_config, run_schedule_search
+
+    cfg = SearchConfig(method=args.method, search=args.search, task=args.task, n=args.n, budget=args.budget,
+                       tolerance=args.tolerance, trials=args.trials, layers=args.layers, objective=args.objective,
+                       sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, out=args.out)
+    try:  # usage errors first, before the model loads
+        cfg = check_config(cfg)
+    except TokenReduceError as e:
+        parser.error(str(e))
+    t0 = time.perf_counter()
+    result = run_schedule_search(cfg, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
+    print(result.schedule.to_json())
+    print(f"\nwrote {args.out} in {time.perf_counter() - t0:.0f} s; run it on held-out questions with "
+          f"tokenreduce bench vlm --methods {args.method} --schedule {args.out}", file=sys.stderr)
     return 0
 
 
@@ -260,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.subparser.error(str(e))
             print(table)
             return 0
+        if args.command == "search-schedule":
+            return _search_schedule(args, args.subparser)
         if args.bench == "vit":
             return _bench_vit(args, args.subparser)
         if args.bench == "kv":

@@ -67,12 +67,48 @@ class VLMBenchConfig:
     seed: int = 0
     out: str | None = "results/vlm"
     method_params: dict = field(default_factory=dict)  # name -> extra get_method kwargs
+    schedule: Any = None  # a `core.schedule.Schedule`: each listed in-LLM method also runs it (one extra row each)
+
+
+def in_llm_method_names() -> list[str]:
+    """The registered methods that drop visual tokens inside the language model (`LayerDropMethod`s)."""
+    from ..core.method import LayerDropMethod
+    from ..core.registry import registered
+
+    return sorted(n for n, cls in registered().items() if issubclass(cls, LayerDropMethod))
 
 
 def vlm_method_names() -> list[str]:
     from ..core.registry import list_methods
 
-    return [i.name for i in list_methods() if i.stage == "connector"] + ["fastv", "pyramiddrop"]
+    return [i.name for i in list_methods() if i.stage == "connector"] + in_llm_method_names()
+
+
+def check_schedule_methods(names: Sequence[str]) -> list[str]:
+    """``--schedule`` runs in-LLM methods only: a `StageError` naming any other listed method."""
+    in_llm = in_llm_method_names()
+    other = [n for n in names if n not in in_llm]
+    if other:
+        raise StageError(f"--schedule gives a per-layer schedule to in-LLM methods ({', '.join(in_llm)}); "
+                         f"{', '.join(other)} {'is a connector method' if len(other) == 1 else 'are connector methods'}"
+                         f" with no layer schedule: list only in-LLM methods, e.g. --methods {in_llm[0]}")
+    return list(names)
+
+
+def schedule_label(name: str, schedule) -> str:
+    """The table's method name of ``name`` running a loaded schedule: says it is the searched one."""
+    return f"{name} (searched: {schedule.source.get('search') or 'given'})"
+
+
+def prefill(model, inputs, method=None):
+    """``generate``'s prefill: the whole prompt, the logits of the last position only (``method`` attached if given)."""
+    import tokenreduce
+
+    with torch.no_grad():
+        if method is None:
+            return model(**inputs, logits_to_keep=1)
+        with tokenreduce.apply(model, method):
+            return model(**inputs, logits_to_keep=1)
 
 
 def check_methods(names: Sequence[str]) -> list[str]:
@@ -129,14 +165,7 @@ class _VLMTask(Task):
                                      unit="sample")
 
     def _prefill(self, inputs, method):
-        """generate's prefill: the whole prompt, logits of the last position only."""
-        import tokenreduce
-
-        with torch.no_grad():
-            if method is None:
-                return self.model(**inputs, logits_to_keep=1)
-            with tokenreduce.apply(self.model, method):
-                return self.model(**inputs, logits_to_keep=1)
+        return prefill(self.model, inputs, method)
 
     def groups(self):
         yield self.cfg.task, [Unit(self.cfg.task, i) for i in range(len(self.batches))]
@@ -217,7 +246,8 @@ class _VLMTask(Task):
             pos = (ids[i] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
             start = pos[0] if pos else 0
             pics.append((s, [p - start for p in kept[i] if p in set(pos)]))
-        self.pictures[f"{cell.method}_{cell.budget:g}"] = pics
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell.method)  # a file name
+        self.pictures[f"{name}_{cell.budget:g}"] = pics
 
     def row(self, group, key, cell: Cell, runs: list[dict], full_runs: list[dict]) -> dict:
         n = sum(r["n"] for r in runs)
@@ -380,6 +410,19 @@ def draw_kept(pictures: dict[str, list], out: Path, num_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------------------- entry point
+def schedule_cells(model, names: Sequence[str], cfg: VLMBenchConfig) -> list[Cell]:
+    """One cell per listed in-LLM method running ``cfg.schedule`` (checked against the model's layers); its budget
+    column is the schedule's mean kept fraction (``keep_ratio``'s meaning)."""
+    import tokenreduce
+    from ..families.decoders import decoder_info, find_decoder
+
+    fam, backbone = find_decoder(model)
+    layers = decoder_info(fam, backbone, ()).num_layers
+    schedule = cfg.schedule.check(layers, "--schedule")
+    return [Cell(schedule_label(n, schedule), schedule.mean_kept(layers),
+                 tokenreduce.get_method(n, schedule=schedule, **cfg.method_params.get(n, {}))) for n in names]
+
+
 def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None, log: Callable[[str], None] = print,
                   progress: bool = True) -> list[dict]:
     from ..assets.vqa import TASKS, samples
@@ -390,6 +433,8 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
         raise StageError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
     names = check_methods(cfg.methods)
     budgets = check_keep_ratios(cfg.budgets, "budget", "the fraction of visual tokens kept", "--budgets 0.5,0.25")
+    if cfg.schedule is not None:
+        check_schedule_methods(names)
     if cfg.model != "minillava":
         raise StageError(f"unknown VLM {cfg.model!r}; the bundled one is 'minillava'")
     grid = build_grid(names, budgets, skip_bad_budgets=True, log=log)
@@ -397,6 +442,8 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
         from ..assets.minillava import load_vlm
 
         model, processor = load_vlm(cfg.model)
+    if cfg.schedule is not None:
+        grid = Grid(grid.cells + schedule_cells(model, names, cfg), grid.skipped)
     grid = check_attachable(model, grid, log=log)
     grid = Grid(grid.cells + [Cell(BLIND, 0.0, BLIND)], grid.skipped)
     data = samples(cfg.task, "test", cfg.n, cfg.seed)

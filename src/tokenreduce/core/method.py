@@ -473,14 +473,46 @@ class LayerDropMethod(Method):
     on the kept tokens only, their cache holds only them, and ``generate`` continues.
 
     Budget (one meaning): ``keep_ratio`` = the fraction of visual tokens kept, averaged over the
-    language model's layers; each method solves its native schedule for it.
+    language model's layers; each method solves its native schedule for it. Or ``schedule``: any
+    per-layer schedule (a `core.schedule.Schedule`, a list of ``(layer, fraction)`` pairs, or the
+    path of a saved one, e.g. from ``tokenreduce search-schedule``) replaces the method's native
+    schedule, its scoring unchanged; it excludes ``keep_ratio`` and the native budget parameters.
     """
 
     stage = "decoder"
     scores_from: ClassVar[str] = "previous"
 
+    def __init__(self, keep_ratio: float | None = None, schedule=None):
+        super().__init__(keep_ratio)
+        from .schedule import as_schedule
+
+        self.given_schedule = None if schedule is None else as_schedule(schedule, f"{self.name}: schedule")
+        if self.given_schedule is not None and self.budget is not None:
+            raise BudgetError(f"{self.name}: give keep_ratio or schedule, not both (a schedule fixes the tokens kept "
+                              "at every layer)")
+        if self.given_schedule is not None and not self.given_schedule.drops:
+            raise BudgetError(f"{self.name}: the schedule drops no visual token (it has no drop layer); run the model "
+                              "without the method, or pass a schedule with at least one (layer, fraction) pair")
+
+    def refuse_with_schedule(self, **native) -> None:
+        """Raise `BudgetError` if a native budget parameter was given (not None) together with ``schedule``."""
+        given = [name for name, value in native.items() if value is not None]
+        if self.given_schedule is not None and given:
+            raise BudgetError(f"{self.name}: give {given[0]} or schedule, not both (the schedule fixes the drop layers "
+                              "and the tokens kept at each)")
+
+    def describe(self) -> str:
+        return self.given_schedule.describe() if self.given_schedule is not None else super().describe()
+
     def schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
-        """[(layer K, fraction of the original visual tokens kept from K on)], K ascending, fractions falling."""
+        """[(layer K, fraction of the original visual tokens kept from K on)], K ascending, fractions falling: the
+        given ``schedule`` (checked against the model's layers), else the method's `native_schedule`."""
+        if self.given_schedule is not None:
+            return self.given_schedule.check(info.num_layers, f"{self.name}: schedule").pairs()
+        return self.native_schedule(info)
+
+    def native_schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
+        """The method's own schedule from its native parameters or ``keep_ratio``."""
         raise NotImplementedError
 
     def score(self, attention: Tensor) -> Tensor:
@@ -494,9 +526,7 @@ class LayerDropMethod(Method):
 
     @staticmethod
     def mean_kept(schedule: list[tuple[int, float]], num_layers: int) -> float:
-        """The fraction of visual tokens kept, averaged over the layers, of a schedule."""
-        total, cur, prev = 0.0, 1.0, 0
-        for layer, frac in schedule:
-            total += (layer - prev) * cur
-            prev, cur = layer, frac
-        return (total + (num_layers - prev) * cur) / num_layers
+        """The fraction of visual tokens kept, averaged over the layers, of a schedule (`core.schedule.mean_kept`)."""
+        from .schedule import mean_kept
+
+        return mean_kept(schedule, num_layers)

@@ -10,7 +10,9 @@ kept tokens only and cache only them.
 
 Budget: ``K`` and ``R`` natively (the paper's K=2, R=0.5), or ``keep_ratio`` = the fraction of
 visual tokens kept averaged over the ``L`` layers, which with ``K`` fixes
-``R = (1 - keep_ratio) L / (L - K)`` (a keep_ratio below ``K / L`` cannot be reached and is refused).
+``R = (1 - keep_ratio) L / (L - K)`` (a keep_ratio below ``K / L`` cannot be reached and is refused),
+or ``schedule`` = any per-layer schedule (`core.schedule.Schedule`, e.g. a searched one), each drop
+scored FastV's way (the previous layer's last-query attention).
 
 Differences from the reference code (pkunlp-icler/FastV, its ``modeling_llama`` "inplace" mode and
 the lmms-eval copy):
@@ -42,20 +44,24 @@ class FastV(LayerDropMethod):
     arxiv = "2403.06764"
     scores_from = "previous"
 
-    def __init__(self, keep_ratio: float | None = None, k: int = 2, r: float | None = None):
-        super().__init__(keep_ratio)
-        self.k = check_int(self.name, "k", k, min=1, why="the first layer (0-based) that runs on the kept tokens")
+    def __init__(self, keep_ratio: float | None = None, k: int | None = None, r: float | None = None, schedule=None):
+        super().__init__(keep_ratio, schedule)
+        self.refuse_with_schedule(k=k, r=r)
+        self.k = check_int(self.name, "k", 2 if k is None else k, min=1,
+                           why="the first layer (0-based) that runs on the kept tokens; None = 2, the paper's")
         self.r = check_float(self.name, "r", r, min=0.0, max=1.0, max_open=True, optional=True,
                              why="the fraction of visual tokens dropped at layer k")
         if self.r is not None and self.budget is not None:
             raise BudgetError(f"{self.name}: give keep_ratio or r, not both")
-        if self.r is None and self.budget is None:
+        if self.r is None and self.budget is None and self.given_schedule is None:
             self.r = 0.5
 
     def describe(self) -> str:
+        if self.given_schedule is not None:
+            return super().describe()
         return f"keep_ratio={self.budget.ratio}, k={self.k}" if self.budget else f"k={self.k}, r={self.r}"
 
-    def schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
+    def native_schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
         n = info.num_layers
         if self.k >= n:
             raise BudgetError(f"{self.name}: k={self.k} is beyond this language model's {n} layers; use k <= {n - 1}")

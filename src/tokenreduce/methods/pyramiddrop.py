@@ -11,7 +11,9 @@ against its KV head, softmax, mean over heads). Attached at the decoder stage (`
 
 Budget: ``layers`` and ``lambda_`` natively (default: the quarter points of the depth and 0.5),
 or ``keep_ratio`` = the fraction of visual tokens kept averaged over the layers, solved for
-``lambda_`` (bisection) at the given layers.
+``lambda_`` (bisection) at the given layers, or ``schedule`` = any per-layer schedule
+(`core.schedule.Schedule`, e.g. a searched one), each drop scored PyramidDrop's way (layer K's own
+projections, or ``scores_from="previous"``).
 
 Differences from the reference code (Cooperx521/PyramidDrop, ``pdrop_rank_drop``):
 
@@ -45,8 +47,9 @@ class PyramidDrop(LayerDropMethod):
     scores_from = "own"
 
     def __init__(self, keep_ratio: float | None = None, layers=None, lambda_: float | None = None,
-                 scores_from: str = "own"):
-        super().__init__(keep_ratio)
+                 scores_from: str = "own", schedule=None):
+        super().__init__(keep_ratio, schedule)
+        self.refuse_with_schedule(layers=layers, lambda_=lambda_)
         self.layers = check_ints(self.name, "layers", layers, min=1, optional=True,
                                  why="the first layer (0-based) of each stage; None = the quarter points")
         if self.layers is not None and (not self.layers or list(self.layers) != sorted(set(self.layers))):
@@ -55,12 +58,14 @@ class PyramidDrop(LayerDropMethod):
                                    why="the fraction of visual tokens each stage keeps")
         if self.lambda_ is not None and self.budget is not None:
             raise BudgetError(f"{self.name}: give keep_ratio or lambda_, not both")
-        if self.lambda_ is None and self.budget is None:
+        if self.lambda_ is None and self.budget is None and self.given_schedule is None:
             self.lambda_ = 0.5
         self.scores_from = check_choice(self.name, "scores_from", scores_from, ("own", "previous"),
                                         why="'own' = layer K's projections (the reference)")
 
     def describe(self) -> str:
+        if self.given_schedule is not None:
+            return super().describe() + (f", scores_from={self.scores_from}" if self.scores_from != "own" else "")
         what = f"keep_ratio={self.budget.ratio}" if self.budget else f"lambda_={self.lambda_}"
         return what + (f", layers={list(self.layers)}" if self.layers else "")
 
@@ -71,7 +76,7 @@ class PyramidDrop(LayerDropMethod):
             raise BudgetError(f"{self.name}: stage layers {layers} do not fit this language model's {n} layers")
         return layers
 
-    def schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
+    def native_schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
         layers = self.stage_layers(info)
         if self.lambda_ is not None:
             return [(k, self.lambda_ ** (s + 1)) for s, k in enumerate(layers)]

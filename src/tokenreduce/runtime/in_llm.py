@@ -23,6 +23,7 @@ keep their own counts and are left-padded. Models with sliding-window layers are
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -106,6 +107,23 @@ def _take(t: Tensor, idx: Tensor, dim_from_end: int) -> Tensor:
     full = list(t.shape)
     full[seq] = idx.shape[1]
     return t.gather(seq, index.expand(*full))
+
+
+def schedule_prefill_flops(schedule, method: LayerDropMethod, info, mlp_size: int, length: float,
+                           visual: int) -> tuple[float, float]:
+    """Analytic ``(flops, flops_full)`` of the language model's prefill of one prompt of ``length`` tokens, ``visual``
+    of them visual, under ``schedule`` ([(layer, fraction)]) and ``method``'s scoring: counted as `InLLMAttachment`
+    counts a forward (each layer on its width, the scoring at each drop over the previous layer's width; kept
+    counts ``floor(fraction * visual)``, at least 1). ``flops_full``: every layer on the whole prompt."""
+    drops = dict(schedule)
+    widths, kept = [], visual
+    for i in range(info.num_layers):
+        if i in drops:
+            kept = min(visual, max(1, math.floor(visual * drops[i] + 1e-9)))
+        widths.append(length - visual + kept)
+    flops = sum(decoder_layer_flops(w, info, mlp_size) for w in widths)
+    flops += sum(method.scoring_flops(widths[k - 1], info) for k in drops)
+    return flops, info.num_layers * decoder_layer_flops(length, info, mlp_size)
 
 
 class InLLMAttachment:
@@ -241,7 +259,8 @@ class InLLMAttachment:
 
     @staticmethod
     def _count(frac: float, counts: Tensor) -> Tensor:
-        """Visual tokens each sample keeps: floor(frac * n), at least 1 (a text-only sample of the batch keeps 0)."""
+        """Visual tokens each sample keeps: floor(frac * n), at least 1 (a text-only sample of the batch keeps 0);
+        `schedule_prefill_flops` and `core.schedule.Schedule.kept_counts` count the same way."""
         kept = torch.floor(counts.to(torch.float64) * frac + 1e-9).to(torch.long).clamp_min(1)
         return torch.minimum(kept, counts)
 
