@@ -116,10 +116,10 @@ def test_search_schedule_without_optuna_says_what_to_install_before_the_model_lo
 
 
 def test_bench_vlm_schedule_usage_errors_before_anything_loads(tmp_path, capsys, monkeypatch):
-    from tokenreduce.core.schedule import Schedule
+    from tokenreduce.core.schedule import LayerSchedule
 
     _no_model_load(monkeypatch)
-    good = Schedule(((2, 0.5),), 30, 144, {"search": "g-search"}).save(tmp_path / "s.json")
+    good = LayerSchedule(((2, 0.5),), 30, 144, {"search": "g-search"}).save(tmp_path / "s.json")
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "tokenreduce.schedule", "version": 1, "drops": [[3, 0.5], [2, 0.9]]}')
     for argv, message in [

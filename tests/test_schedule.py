@@ -1,4 +1,4 @@
-"""`core.schedule.Schedule`: a per-layer visual-token schedule as data (validation, mean kept, JSON round-trip)."""
+"""`core.schedule.LayerSchedule`: a per-layer visual-token schedule as data (validation, mean kept, JSON round-trip)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import tokenreduce as tr
 from tokenreduce.core.method import LayerDropMethod
-from tokenreduce.core.schedule import FORMAT, VERSION, Schedule, as_schedule, load, mean_kept
+from tokenreduce.core.schedule import FORMAT, VERSION, LayerSchedule, as_schedule, load, mean_kept
 
 
 @st.composite
@@ -23,7 +23,7 @@ def schedules(draw, max_layers: int = 40):
                                   st.text(max_size=8)))
     source["calibration_n"] = draw(st.integers(1, 500))
     source["params"] = {"tolerance": draw(st.floats(0, 1)), "layers": list(layers)}
-    return Schedule(tuple(zip(layers, fracs)), num_layers, draw(st.none() | st.integers(1, 1000)), source)
+    return LayerSchedule(tuple(zip(layers, fracs)), num_layers, draw(st.none() | st.integers(1, 1000)), source)
 
 
 @settings(max_examples=150, deadline=None)
@@ -34,7 +34,7 @@ def test_save_then_load_gives_the_same_schedule(tmp_path_factory, s):
     back = load(path)
     assert back == s
     assert back.drops == s.drops and dict(back.source) == dict(s.source)
-    assert Schedule.from_json(s.to_json()) == s
+    assert LayerSchedule.from_json(s.to_json()) == s
     data = json.loads(path.read_text())
     assert data["format"] == FORMAT and data["version"] == VERSION
 
@@ -61,29 +61,29 @@ def test_invalid_drops_are_refused_with_a_reason(s, data):
         swapped = list(drops)
         swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
         with pytest.raises(tr.BudgetError, match="ascending|increase"):
-            Schedule(tuple(map(tuple, swapped)))
+            LayerSchedule(tuple(map(tuple, swapped)))
         rising = [list(d) for d in drops]
         rising[-1][1] = min(1.0, rising[-2][1] * 2) if rising[-2][1] < 1.0 else 1.0
         if rising[-1][1] > rising[-2][1]:
             with pytest.raises(tr.BudgetError, match="must not increase"):
-                Schedule(tuple(map(tuple, rising)))
+                LayerSchedule(tuple(map(tuple, rising)))
     bad = data.draw(st.sampled_from([0.0, -0.5, 1.5, float("nan"), float("inf"), True, "0.5"]))
     with pytest.raises(tr.BudgetError, match=r"\(0, 1\]"):
-        Schedule(((1, bad),))
+        LayerSchedule(((1, bad),))
     with pytest.raises(tr.BudgetError, match="beyond this language model"):
-        Schedule(((s.num_layers, 0.5),), num_layers=s.num_layers)
+        LayerSchedule(((s.num_layers, 0.5),), num_layers=s.num_layers)
     with pytest.raises(tr.BudgetError, match="beyond this language model"):
-        Schedule(((s.num_layers + 3, 0.5),)).check(s.num_layers)
+        LayerSchedule(((s.num_layers + 3, 0.5),)).check(s.num_layers)
 
 
 def test_drop_layers_are_integers_from_one():
     for layer in (0, -1, 1.0, True, "2"):
         with pytest.raises(tr.BudgetError, match="integer >= 1"):
-            Schedule(((layer, 0.5),))
+            LayerSchedule(((layer, 0.5),))
     with pytest.raises(tr.BudgetError, match="pairs"):
-        Schedule("2:0.5")
+        LayerSchedule("2:0.5")
     with pytest.raises(tr.BudgetError, match="pair"):
-        Schedule(((2, 0.5, 3),))
+        LayerSchedule(((2, 0.5, 3),))
 
 
 def test_loading_says_what_is_wrong(tmp_path):
@@ -107,9 +107,9 @@ def test_loading_says_what_is_wrong(tmp_path):
 
 
 def test_kept_counts_and_the_runtime_rounding():
-    s = Schedule(((2, 0.5), (4, 1 / 144)), 6, 144)
+    s = LayerSchedule(((2, 0.5), (4, 1 / 144)), 6, 144)
     assert s.kept_counts(144) == [144, 144, 72, 72, 1, 1]
     assert s.kept_counts(10) == [10, 10, 5, 5, 1, 1]  # at least 1
     assert mean_kept(s.drops, 6) == pytest.approx((1 + 1 + 0.5 + 0.5 + 2 / 144) / 6)
-    assert Schedule(()).mean_kept(5) == 1.0
-    assert as_schedule([(2, 0.5)]) == Schedule(((2, 0.5),))
+    assert LayerSchedule(()).mean_kept(5) == 1.0
+    assert as_schedule([(2, 0.5)]) == LayerSchedule(((2, 0.5),))

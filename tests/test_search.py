@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenreduce as tr
-from tokenreduce.core.schedule import Schedule, mean_kept
+from tokenreduce.core.schedule import LayerSchedule, mean_kept
 from tokenreduce.search import g_search, p_sigmoid_keep, p_sigmoid_schedule, p_sigmoid_search
 
 
 def need_accuracy(need: list[int], visual: int, per_token: float = 0.01):
     """Accuracy 1.0 while every layer keeps at least ``need[layer]`` tokens, losing ``per_token`` per token short."""
-    def evaluate(schedule: Schedule) -> float:
+    def evaluate(schedule: LayerSchedule) -> float:
         counts = schedule.kept_counts(visual, len(need))
         return 1.0 - per_token * sum(max(0, n - k) for n, k in zip(need, counts))
     return evaluate
@@ -79,7 +79,7 @@ def early_tokens_matter(num_layers: int, visual: int):
     """A score that values tokens in shallow layers more than deep ones (what G-Search's curves suggest)."""
     weight = [1.0 / (1 + layer) for layer in range(num_layers)]
 
-    def evaluate(s: Schedule) -> float:
+    def evaluate(s: LayerSchedule) -> float:
         counts = s.kept_counts(visual, num_layers)
         return sum(w * c for w, c in zip(weight, counts)) / (visual * sum(weight))
     return evaluate
@@ -97,7 +97,7 @@ def test_p_sigmoid_respects_the_budget_spends_it_and_is_seeded_deterministic():
         assert entry["flops"] >= budget - 2 / (visual * layers) - 1e-9
     assert flops(a) <= budget and a.source["flops"] == flops(a) and a.source["search"] == "p-sigmoid"
     assert a.source["score"] == max(e["score"] for e in log_a) and a.source["seed"] == 3
-    uniform = Schedule(((1, round((budget * layers - 1) / (layers - 1) * visual) / visual),), layers, visual)
+    uniform = LayerSchedule(((1, round((budget * layers - 1) / (layers - 1) * visual) / visual),), layers, visual)
     assert flops(uniform) <= budget + 1e-9 and evaluate(a) > evaluate(uniform)  # beats keeping the same from layer 1
     c, _ = p_sigmoid_search(evaluate, layers, flops, budget, trials=12, seed=4, visual_tokens=visual, sampler="tpe")
     assert flops(c) <= budget

@@ -1,4 +1,4 @@
-"""A per-layer schedule (`core.schedule.Schedule`) run by any in-LLM method on tiny VLMs, and the calibration
+"""A per-layer schedule (`core.schedule.LayerSchedule`) run by any in-LLM method on tiny VLMs, and the calibration
 evaluator of ``tokenreduce search-schedule`` on a tiny LLaVA."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from tiny_vlm import IMAGE_ID, one, tiny_vlm, vlm_batch
 
 import tokenreduce as tr
-from tokenreduce.core.schedule import Schedule
+from tokenreduce.core.schedule import LayerSchedule
 
 TEXTS = [(3, 5), (1, 2), (4, 7)]
 VISUAL = 16  # the tiny llava's image tokens
@@ -24,7 +24,7 @@ def test_a_given_schedule_keeps_exactly_its_counts_at_every_layer(name, extra):
     model = tiny_vlm("llava")
     batch = vlm_batch(model, "llava", TEXTS)
     assert visual_counts(model, batch) == [VISUAL] * 3
-    schedule = Schedule(((1, 11 / VISUAL), (2, 3 / VISUAL)))
+    schedule = LayerSchedule(((1, 11 / VISUAL), (2, 3 / VISUAL)))
     with torch.no_grad(), tr.apply(model, tr.get_method(name, schedule=schedule, **extra)) as h:
         model(**batch)
     assert h.stats.visual_tokens_per_layer == [16, 11, 3]
@@ -64,7 +64,7 @@ def test_the_native_schedule_given_as_a_schedule_gives_identical_outputs(name, n
 
 
 def test_a_schedule_file_is_a_schedule(tmp_path):
-    path = Schedule(((1, 0.5),), 3, VISUAL, {"search": "g-search"}).save(tmp_path / "s.json")
+    path = LayerSchedule(((1, 0.5),), 3, VISUAL, {"search": "g-search"}).save(tmp_path / "s.json")
     model = tiny_vlm("llava")
     inputs = one(vlm_batch(model, "llava", TEXTS), 0)
     with torch.no_grad(), tr.apply(model, tr.get_method("fastv", schedule=str(path))) as h:
@@ -89,7 +89,7 @@ def test_a_schedule_excludes_keep_ratio_and_the_native_budget():
 def test_a_schedule_beyond_the_language_model_is_refused_at_attach():
     model = tiny_vlm("llava")
     with pytest.raises(tr.BudgetError, match="beyond this language model's 3 layers"):
-        tr.patch(model, tr.get_method("fastv", schedule=Schedule(((1, 0.5), (5, 0.25)), 30)))
+        tr.patch(model, tr.get_method("fastv", schedule=LayerSchedule(((1, 0.5), (5, 0.25)), 30)))
 
 
 # ---------------------------------------------------------------------------- the calibration evaluator
@@ -118,12 +118,12 @@ def test_the_calibration_evaluator_scores_first_tokens_and_counts_analytic_flops
     samples = [{"image": None, "question": f"{1 + i % 3},{2 + i % 4}", "answer": "red"} for i in range(6)]
     ev = CalibrationEvaluator(model, _Processor(model), samples, "fastv", objective="agreement", batch_size=4)
     assert ev.num_layers == 3 and ev.visual_tokens == VISUAL and ev.full_score == 1.0
-    assert ev(Schedule(())) == 1.0 and ev.evaluations == 0
-    score = ev(Schedule(((1, 1 / VISUAL),)))
+    assert ev(LayerSchedule(())) == 1.0 and ev.evaluations == 0
+    score = ev(LayerSchedule(((1, 1 / VISUAL),)))
     assert 0.0 <= score <= 1.0 and ev.evaluations == 1
-    assert ev(Schedule(((1, 1.0),))) == 1.0  # keeps every token: the same first tokens
-    assert ev.flops(Schedule(())) == 1.0
-    assert ev.flops(Schedule(((1, 0.5),))) < ev.flops(Schedule(((2, 0.5),))) < 1.0
+    assert ev(LayerSchedule(((1, 1.0),))) == 1.0  # keeps every token: the same first tokens
+    assert ev.flops(LayerSchedule(())) == 1.0
+    assert ev.flops(LayerSchedule(((1, 0.5),))) < ev.flops(LayerSchedule(((2, 0.5),))) < 1.0
     native = ev.native(0.8)
     assert native.drops == ((2, pytest.approx(0.4)),)  # FastV k=2 of 3 layers: (1 + 1 + 0.4) / 3 = 0.8
     # the analytic count is the attachment's on a batch of one
@@ -157,13 +157,13 @@ def test_bench_vlm_adds_one_labelled_row_per_in_llm_method_running_the_schedule(
     from tokenreduce.bench.vlm import VLMBenchConfig, schedule_cells
 
     model = tiny_vlm("llava")
-    schedule = Schedule(((1, 0.5), (2, 0.25)), 3, VISUAL, {"search": "p-sigmoid"})
+    schedule = LayerSchedule(((1, 0.5), (2, 0.25)), 3, VISUAL, {"search": "p-sigmoid"})
     cfg = VLMBenchConfig(methods=["fastv", "pyramiddrop"], schedule=schedule)
     cells = schedule_cells(model, ["fastv", "pyramiddrop"], cfg)
     assert [c.method for c in cells] == ["fastv (searched: p-sigmoid)", "pyramiddrop (searched: p-sigmoid)"]
     assert all(c.budget == pytest.approx((1 + 0.5 + 0.25) / 3) for c in cells)
     assert [c.obj.given_schedule for c in cells] == [schedule, schedule]
     assert check_attachable(model, Grid(cells), log=lambda _: None).cells == cells
-    deep = VLMBenchConfig(methods=["fastv"], schedule=Schedule(((1, 0.5), (12, 0.25)), 30))
+    deep = VLMBenchConfig(methods=["fastv"], schedule=LayerSchedule(((1, 0.5), (12, 0.25)), 30))
     with pytest.raises(tr.BudgetError, match="--schedule: drop layer 12 is beyond"):
         schedule_cells(model, ["fastv"], deep)

@@ -67,7 +67,7 @@ class VLMBenchConfig:
     seed: int = 0
     out: str | None = "results/vlm"
     method_params: dict = field(default_factory=dict)  # name -> extra get_method kwargs
-    schedule: Any = None  # a `core.schedule.Schedule`: each listed in-LLM method also runs it (one extra row each)
+    schedule: Any = None  # a `core.schedule.LayerSchedule`: each listed in-LLM method also runs it (one extra row each)
 
 
 def in_llm_method_names() -> list[str]:

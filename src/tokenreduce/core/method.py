@@ -474,7 +474,7 @@ class LayerDropMethod(Method):
 
     Budget (one meaning): ``keep_ratio`` = the fraction of visual tokens kept, averaged over the
     language model's layers; each method solves its native schedule for it. Or ``schedule``: any
-    per-layer schedule (a `core.schedule.Schedule`, a list of ``(layer, fraction)`` pairs, or the
+    per-layer schedule (a `core.schedule.LayerSchedule`, a list of ``(layer, fraction)`` pairs, or the
     path of a saved one, e.g. from ``tokenreduce search-schedule``) replaces the method's native
     schedule, its scoring unchanged; it excludes ``keep_ratio`` and the native budget parameters.
     """

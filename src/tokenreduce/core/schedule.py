@@ -1,6 +1,6 @@
 """A per-layer visual-token schedule as data: which layers drop visual tokens and how many they keep.
 
-A `Schedule` has the meaning of `LayerDropMethod.schedule`: ``drops`` is ``((K, fraction), ...)``
+A `LayerSchedule` has the meaning of `LayerDropMethod.schedule`: ``drops`` is ``((K, fraction), ...)``
 with drop layers ``K`` (0-based) ascending and, from layer ``K`` on, ``fraction`` of the *original*
 visual tokens kept (non-increasing from one drop to the next). Layers before the first drop keep
 every visual token. Any in-LLM method runs a schedule (``get_method("fastv", schedule=...)``) with
@@ -75,7 +75,7 @@ def check_drops(drops, where: str = "schedule") -> tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
-class Schedule:
+class LayerSchedule:
     """Drop layers and the fraction of the original visual tokens kept from each on (see the module docstring)."""
 
     drops: tuple[tuple[int, float], ...]
@@ -112,7 +112,7 @@ class Schedule:
         """``[(layer, fraction), ...]``: what `LayerDropMethod.schedule` returns."""
         return list(self.drops)
 
-    def check(self, num_layers: int, where: str = "schedule") -> "Schedule":
+    def check(self, num_layers: int, where: str = "schedule") -> "LayerSchedule":
         """Raise `BudgetError` if a drop layer is beyond a language model of ``num_layers`` layers."""
         beyond = [k for k in self.layers if k >= num_layers]
         if beyond:
@@ -178,7 +178,7 @@ class Schedule:
         return path
 
     @classmethod
-    def from_dict(cls, data: Mapping, where: str = "schedule") -> "Schedule":
+    def from_dict(cls, data: Mapping, where: str = "schedule") -> "LayerSchedule":
         if not isinstance(data, Mapping):
             raise BudgetError(f"{where}: expected a JSON object with \"format\": \"{FORMAT}\"; "
                               f"got {type(data).__name__}")
@@ -195,7 +195,7 @@ class Schedule:
         return cls(drops, data.get("num_layers"), data.get("visual_tokens"), data.get("source") or {})
 
     @classmethod
-    def from_json(cls, text: str, where: str = "schedule") -> "Schedule":
+    def from_json(cls, text: str, where: str = "schedule") -> "LayerSchedule":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -203,24 +203,24 @@ class Schedule:
         return cls.from_dict(data, where)
 
 
-def load(path: str | Path) -> Schedule:
-    """A schedule saved by `Schedule.save` (`BudgetError` for a file that is not one; `FileNotFoundError` if absent)."""
+def load(path: str | Path) -> LayerSchedule:
+    """A schedule saved by `LayerSchedule.save` (`BudgetError` for a file that is not one; `FileNotFoundError` if absent)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no schedule file at {path}")
-    return Schedule.from_json(path.read_text(encoding="utf-8"), where=str(path))
+    return LayerSchedule.from_json(path.read_text(encoding="utf-8"), where=str(path))
 
 
-def as_schedule(value, where: str = "schedule") -> Schedule:
-    """A `Schedule` from a `Schedule`, a list of ``(layer, fraction)`` pairs, or the path of a saved one."""
-    if isinstance(value, Schedule):
+def as_schedule(value, where: str = "schedule") -> LayerSchedule:
+    """A `LayerSchedule` from a `LayerSchedule`, a list of ``(layer, fraction)`` pairs, or the path of a saved one."""
+    if isinstance(value, LayerSchedule):
         return value
     if isinstance(value, (str, Path)):
         try:
             return load(value)
         except FileNotFoundError as e:
             raise BudgetError(f"{where}: {e}") from e
-    return Schedule(check_drops(value, where))
+    return LayerSchedule(check_drops(value, where))
 
 
 def _jsonable(value):

@@ -11,7 +11,7 @@ kept tokens only and cache only them.
 Budget: ``K`` and ``R`` natively (the paper's K=2, R=0.5), or ``keep_ratio`` = the fraction of
 visual tokens kept averaged over the ``L`` layers, which with ``K`` fixes
 ``R = (1 - keep_ratio) L / (L - K)`` (a keep_ratio below ``K / L`` cannot be reached and is refused),
-or ``schedule`` = any per-layer schedule (`core.schedule.Schedule`, e.g. a searched one), each drop
+or ``schedule`` = any per-layer schedule (`core.schedule.LayerSchedule`, e.g. a searched one), each drop
 scored FastV's way (the previous layer's last-query attention).
 
 Differences from the reference code (pkunlp-icler/FastV, its ``modeling_llama`` "inplace" mode and

@@ -12,7 +12,7 @@ against its KV head, softmax, mean over heads). Attached at the decoder stage (`
 Budget: ``layers`` and ``lambda_`` natively (default: the quarter points of the depth and 0.5),
 or ``keep_ratio`` = the fraction of visual tokens kept averaged over the layers, solved for
 ``lambda_`` (bisection) at the given layers, or ``schedule`` = any per-layer schedule
-(`core.schedule.Schedule`, e.g. a searched one), each drop scored PyramidDrop's way (layer K's own
+(`core.schedule.LayerSchedule`, e.g. a searched one), each drop scored PyramidDrop's way (layer K's own
 projections, or ``scores_from="previous"``).
 
 Differences from the reference code (Cooperx521/PyramidDrop, ``pdrop_rank_drop``):

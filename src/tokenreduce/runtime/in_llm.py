@@ -260,7 +260,7 @@ class InLLMAttachment:
     @staticmethod
     def _count(frac: float, counts: Tensor) -> Tensor:
         """Visual tokens each sample keeps: floor(frac * n), at least 1 (a text-only sample of the batch keeps 0);
-        `schedule_prefill_flops` and `core.schedule.Schedule.kept_counts` count the same way."""
+        `schedule_prefill_flops` and `core.schedule.LayerSchedule.kept_counts` count the same way."""
         kept = torch.floor(counts.to(torch.float64) * frac + 1e-9).to(torch.long).clamp_min(1)
         return torch.minimum(kept, counts)
 

@@ -1,4 +1,4 @@
-"""Searches over per-layer visual-token schedules (`core.schedule.Schedule`) for any in-LLM method.
+"""Searches over per-layer visual-token schedules (`core.schedule.LayerSchedule`) for any in-LLM method.
 
 `schedules` holds the searches (G-Search, P-Sigmoid; arXiv 2412.00556) over a caller's
 ``evaluate(schedule) -> score``; `vlm` evaluates a schedule on the mini-LLaVA's calibration split

@@ -1,4 +1,4 @@
-"""Schedule search for any in-LLM method: G-Search and P-Sigmoid.
+"""LayerSchedule search for any in-LLM method: G-Search and P-Sigmoid.
 
 From *Accelerating Multimodal Large Language Models by Searching Optimal Vision Token Reduction*
 (Zhao, Wang, Juefei-Xu, Xia, Liu, Wang, Liang, Zhang, Metaxas, Yu; CVPR 2025; arXiv 2412.00556).
@@ -16,7 +16,7 @@ not grow with depth, and proposes two searches over a per-layer keep schedule on
 
 Both take ``evaluate(schedule) -> float`` from the caller (a calibration accuracy, or agreement with
 the full model's answers; higher is better; `search.vlm` has one for the mini-LLaVA) and return a
-`core.schedule.Schedule` plus the log of every evaluation. Every distinct schedule is evaluated
+`core.schedule.LayerSchedule` plus the log of every evaluation. Every distinct schedule is evaluated
 once (memoised).
 
 The paper has no public code (we found none), and we could read only its abstract and secondary
@@ -64,20 +64,20 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from ..core.errors import BudgetError, MissingDependencyError
 from ..core.params import is_int, is_real
-from ..core.schedule import Schedule
+from ..core.schedule import LayerSchedule
 
 PAPER = ("Accelerating Multimodal Large Language Models by Searching Optimal Vision Token Reduction "
          "(Zhao et al., CVPR 2025)")
 ARXIV = "2412.00556"
 OPTUNA_PIP = "pip install 'tokenreduce[search]'  (or: pip install 'optuna>=4.0')"
 
-Evaluate = Callable[[Schedule], float]
+Evaluate = Callable[[LayerSchedule], float]
 
 
 class SearchResult(NamedTuple):
     """What a search returns: the schedule found and one log entry per distinct evaluation, in order."""
 
-    schedule: Schedule
+    schedule: LayerSchedule
     log: list[dict]
 
 
@@ -89,7 +89,7 @@ class _Memo:
         self.scores: dict[tuple, float] = {}
         self.log: list[dict] = []
 
-    def __call__(self, schedule: Schedule, **note) -> float:
+    def __call__(self, schedule: LayerSchedule, **note) -> float:
         key = schedule.drops
         if key not in self.scores:
             score = float(self.evaluate(schedule))
@@ -137,7 +137,7 @@ def g_search(evaluate: Evaluate, num_layers: int, visual_tokens: int, *, toleran
         raise BudgetError(f"g_search: layers must be distinct ascending drop layers in 1..{num_layers - 1}; "
                           f"got {list(layers) if layers is not None else None}")
     memo = _Memo(evaluate, progress)
-    full = memo(Schedule((), num_layers, visual_tokens), step="reference")
+    full = memo(LayerSchedule((), num_layers, visual_tokens), step="reference")
     ref = full if reference is None else float(reference)
     threshold = ref - float(tolerance)
 
@@ -145,7 +145,7 @@ def g_search(evaluate: Evaluate, num_layers: int, visual_tokens: int, *, toleran
     kept = visual_tokens
 
     def passes(layer: int, count: int) -> bool:
-        trial = Schedule(tuple(drops) + ((layer, _count_fraction(count, visual_tokens)),), num_layers, visual_tokens)
+        trial = LayerSchedule(tuple(drops) + ((layer, _count_fraction(count, visual_tokens)),), num_layers, visual_tokens)
         return memo(trial, step="bisect", layer=layer, kept=count) >= threshold
 
     for layer in candidates:
@@ -161,13 +161,13 @@ def g_search(evaluate: Evaluate, num_layers: int, visual_tokens: int, *, toleran
         if hi < kept:
             drops.append((layer, _count_fraction(hi, visual_tokens)))
             kept = hi
-    final = Schedule(tuple(drops), num_layers, visual_tokens)
+    final = LayerSchedule(tuple(drops), num_layers, visual_tokens)
     best = memo(final, step="final")
     prov = {**dict(source or {}), "search": "g-search", "paper": ARXIV,
             "params": {"tolerance": float(tolerance), "layers": candidates, "min_tokens": min_tokens,
                        **dict((source or {}).get("params", {}))},
             "reference_score": ref, "full_score": full, "score": best, "evaluations": len(memo.log)}
-    return SearchResult(Schedule(final.drops, num_layers, visual_tokens, prov), memo.log)
+    return SearchResult(LayerSchedule(final.drops, num_layers, visual_tokens, prov), memo.log)
 
 
 # ---------------------------------------------------------------------------- P-Sigmoid
@@ -187,7 +187,7 @@ def p_sigmoid_keep(num_layers: int, steepness: float, centre: float, floor: floa
 
 
 def p_sigmoid_schedule(num_layers: int, steepness: float, centre: float, floor: float, visual_tokens: int,
-                       first_layer: int = 1) -> Schedule:
+                       first_layer: int = 1) -> LayerSchedule:
     """The P-Sigmoid curve as a schedule of whole tokens: each layer keeps ``round(keep * visual_tokens)`` (at least
     1, never more than the layer before); a drop wherever the count falls."""
     drops: list[tuple[int, float]] = []
@@ -197,7 +197,7 @@ def p_sigmoid_schedule(num_layers: int, steepness: float, centre: float, floor: 
         if count < cur:
             drops.append((layer, count / visual_tokens))
             cur = count
-    return Schedule(tuple(drops), num_layers, visual_tokens)
+    return LayerSchedule(tuple(drops), num_layers, visual_tokens)
 
 
 def _optuna():
@@ -209,7 +209,7 @@ def _optuna():
     return optuna
 
 
-def p_sigmoid_search(evaluate: Evaluate, num_layers: int, flops_of: Callable[[Schedule], float], budget: float,
+def p_sigmoid_search(evaluate: Evaluate, num_layers: int, flops_of: Callable[[LayerSchedule], float], budget: float,
                      trials: int = 30, seed: int = 0, *, visual_tokens: int = 1000, first_layer: int = 1,
                      steepness: tuple[float, float] = (0.05, 8.0), sampler: str = "gp",
                      source: Mapping[str, Any] | None = None,
@@ -242,10 +242,10 @@ def p_sigmoid_search(evaluate: Evaluate, num_layers: int, flops_of: Callable[[Sc
                           f"got {budget!r}")
     budget = float(budget)
 
-    def constant(frac: float) -> Schedule:  # keep(l) = frac from first_layer on
+    def constant(frac: float) -> LayerSchedule:  # keep(l) = frac from first_layer on
         return p_sigmoid_schedule(num_layers, 1.0, -1e9, frac, visual_tokens, first_layer)
 
-    full_cost = float(flops_of(Schedule((), num_layers, visual_tokens)))
+    full_cost = float(flops_of(LayerSchedule((), num_layers, visual_tokens)))
     least = float(flops_of(constant(0.0)))  # one token from first_layer on
     if budget < least:
         raise BudgetError(f"p_sigmoid_search: budget {budget:g} is below the cheapest schedule's cost {least:g} (one "
@@ -259,7 +259,7 @@ def p_sigmoid_search(evaluate: Evaluate, num_layers: int, flops_of: Callable[[Sc
         lo, hi = (mid, hi) if flops_of(constant(mid)) <= budget else (lo, mid)
     floor_max = lo
 
-    def solve(k: float, floor: float) -> tuple[float, Schedule]:
+    def solve(k: float, floor: float) -> tuple[float, LayerSchedule]:
         """The latest centre whose schedule fits the budget (FLOPs grow with the centre)."""
         c_lo, c_hi = first_layer - 40.0 / k - 1.0, num_layers + 40.0 / k
         best = p_sigmoid_schedule(num_layers, k, c_lo, floor, visual_tokens, first_layer)
@@ -304,4 +304,4 @@ def p_sigmoid_search(evaluate: Evaluate, num_layers: int, flops_of: Callable[[Sc
                        **dict((source or {}).get("params", {}))},
             "seed": seed, "score": top["score"], "flops": top["flops"], "budget": budget, "full_flops": full_cost,
             "best_trial": top["trial"], "evaluations": len(memo.log), "optuna": optuna.__version__}
-    return SearchResult(Schedule(top["schedule"].drops, num_layers, visual_tokens, prov), memo.log)
+    return SearchResult(LayerSchedule(top["schedule"].drops, num_layers, visual_tokens, prov), memo.log)

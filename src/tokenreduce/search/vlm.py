@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..core.errors import BudgetError, StageError
-from ..core.schedule import Schedule
+from ..core.schedule import LayerSchedule
 from .schedules import SearchResult, g_search, p_sigmoid_search
 
 SEARCHES = {"g": "g-search", "g-search": "g-search", "p-sigmoid": "p-sigmoid"}
@@ -167,13 +167,13 @@ class CalibrationEvaluator:
             return float((tokens == self.full_tokens).float().mean())
         return sum(int(t) in want for t, want in zip(tokens.tolist(), self.targets)) / len(self.targets)
 
-    def __call__(self, schedule: Schedule) -> float:
+    def __call__(self, schedule: LayerSchedule) -> float:
         if not schedule.drops:
             return self.full_score
         self.evaluations += 1
         return self._score(self._first_tokens(self.method(schedule)))
 
-    def flops(self, schedule: Schedule) -> float:
+    def flops(self, schedule: LayerSchedule) -> float:
         """Analytic language-model prefill FLOPs under ``schedule`` / the unreduced model's (mean prompt length)."""
         from ..runtime.in_llm import schedule_prefill_flops
 
@@ -181,12 +181,12 @@ class CalibrationEvaluator:
                                             self.visual_tokens)
         return mine / full
 
-    def native(self, keep_ratio: float) -> Schedule:
+    def native(self, keep_ratio: float) -> LayerSchedule:
         """The method's own schedule at ``keep_ratio`` on this model."""
         import tokenreduce
 
         method = tokenreduce.get_method(self.name, keep_ratio=keep_ratio, **self.params)
-        return Schedule(tuple(method.schedule(self.info)), self.num_layers, self.visual_tokens)
+        return LayerSchedule(tuple(method.schedule(self.info)), self.num_layers, self.visual_tokens)
 
 
 def run_schedule_search(cfg: SearchConfig, model=None, processor=None, log: Callable[[str], None] = print,
@@ -229,7 +229,7 @@ def run_schedule_search(cfg: SearchConfig, model=None, processor=None, log: Call
     schedule = result.schedule
     extra = {"flops_ratio": ev.flops(schedule), "mean_kept": schedule.mean_kept(), "full_score": ev.full_score,
              "model_seconds": ev.seconds}
-    schedule = Schedule(schedule.drops, schedule.num_layers, schedule.visual_tokens, {**schedule.source, **extra})
+    schedule = LayerSchedule(schedule.drops, schedule.num_layers, schedule.visual_tokens, {**schedule.source, **extra})
     log(f"found {schedule.describe()}: {cfg.objective} {schedule.source['score']:.3f} (unreduced {ev.full_score:.3f}), "
         f"mean visual tokens kept {schedule.mean_kept():.3f}, prefill FLOPs x{extra['flops_ratio']:.3f}, "
         f"{len(result.log)} evaluations")
