@@ -1,13 +1,19 @@
-"""Train the mini-LLaVA projector (DINOv2-S/14 + SmolLM2-135M-Instruct, both frozen).
+"""Train the mini-LLaVA (DINOv2-S/14 frozen; the projector and a LoRA on SmolLM2-135M's attention).
 
-    python tools/train_minillava.py --steps 600 --out src/tokenreduce/assets/data
+    python tools/train_minillava.py --steps 330 --warm-steps 40 --batch 8 --lr 1e-3 --lora-rank 8 \
+        --lora-alpha 16 --n-scenes 2000 --n-easy-scenes 500 --n-easyvqa 900 --init PROJECTOR --out DIR
 
-Seeded; prints its time. The vision tower is frozen, so its features (second-to-last block, [CLS]
-dropped, 144 tokens) are computed once; each step then runs the projector and the frozen language
-model forward and backward on a batch, with the loss on the answer tokens only (one word and
-``<|im_end|>``). Batches follow a curriculum: one- and two-object scenes with easy-vqa first, then
-the full mix. Every ``--save-every`` steps the projector and its record (SHA-256, data, step,
-held-out first-token accuracy) are written to ``--out``, so a stopped run leaves its last checkpoint.
+(the shipped weights: that run, from the earlier projector-only run's weights, stopped at step 160;
+``docs/minillava.md``). Seeded; prints its time. The vision tower is frozen, so its features
+(second-to-last block, [CLS] dropped, 144 tokens) are computed once and cached (``--cache``). Each
+training image is one multi-turn conversation (the image in the first user turn, as at inference;
+one question per scene object), and each step runs the projector and the language model forward and
+backward on a batch of them, with the loss on the answer tokens only (each word and ``<|im_end|>``).
+Batches follow a curriculum: one- and two-object scenes with easy-vqa first, then the full mix.
+``--lora-rank 0`` trains the projector alone; ``--align-steps`` first regresses the projector onto
+word embeddings (`align_projector`). Every ``--save-every`` steps the weights and their record
+(SHA-256, arguments, held-out first-token accuracy) are written to ``--out``, so a stopped run
+leaves its last checkpoint.
 """
 
 from __future__ import annotations

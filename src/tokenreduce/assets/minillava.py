@@ -1,10 +1,11 @@
-"""mini-LLaVA: a small real LLaVA-1.5-style VLM built from the offline assets and a projector trained here.
+"""mini-LLaVA: a small real LLaVA-1.5-style VLM built from the offline assets, with weights trained here.
 
 ``LlavaForConditionalGeneration`` = DINOv2-S/14 (``load_dinov2_small``, frozen, 168 px -> 12x12 = 144
 visual tokens from the second-to-last block, [CLS] dropped as LLaVA-1.5's "default" strategy does)
-+ SmolLM2-135M-Instruct (``load_smollm2``, frozen) + a 2-layer MLP projector (384 -> 576 -> 576, GELU)
-trained by ``tools/train_minillava.py`` on the tasks of ``tokenreduce.assets.vqa``. The projector's
-weights ship in ``assets/data/`` and are checked against their SHA-256 on load. The model card is
++ SmolLM2-135M-Instruct (``load_smollm2``) + a 2-layer MLP projector (384 -> 576 -> 576, GELU). The
+projector and a rank-8 LoRA on SmolLM2's attention projections are trained by
+``tools/train_minillava.py`` on the tasks of ``tokenreduce.assets.vqa``; both ship in ``assets/data/``,
+are checked against their SHA-256 on load, and the LoRA is merged into the weights. The model card is
 ``docs/minillava.md``.
 
 The image placeholder is SmolLM2's unused special token ``<empty_output>`` (id 16), so the
