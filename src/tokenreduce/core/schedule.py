@@ -220,6 +220,9 @@ def as_schedule(value, where: str = "schedule") -> LayerSchedule:
             return load(value)
         except FileNotFoundError as e:
             raise BudgetError(f"{where}: {e}") from e
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Sequence):
+        raise BudgetError(f"{where} must be a LayerSchedule, a list of (layer, fraction kept) pairs such as "
+                          f"[(2, 0.5), (12, 0.25)], or the path of a saved schedule; got {value!r}")
     return LayerSchedule(check_drops(value, where))
 
 
