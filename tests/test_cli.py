@@ -98,18 +98,8 @@ def test_search_schedule_usage_errors_before_the_model_loads(argv, message, caps
     assert message in capsys.readouterr().err
 
 
-def test_search_schedule_without_optuna_says_what_to_install_before_the_model_loads(capsys, monkeypatch):
-    import builtins
-
+def test_search_schedule_without_optuna_says_what_to_install_before_the_model_loads(capsys, monkeypatch, no_optuna):
     _no_model_load(monkeypatch)
-    real_import = builtins.__import__
-
-    def no_optuna(name, *args, **kwargs):
-        if name == "optuna" or name.startswith("optuna."):
-            raise ImportError("No module named 'optuna'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_optuna)
     with pytest.raises(SystemExit) as e:
         main(["search-schedule", "--search", "p-sigmoid", "--budget", "0.25"])
     assert e.value.code == 2 and "pip install 'tokenreduce[search]'" in capsys.readouterr().err

@@ -3,7 +3,6 @@ answer is known."""
 
 from __future__ import annotations
 
-import builtins
 import math
 
 import pytest
@@ -112,15 +111,7 @@ def test_p_sigmoid_refuses_budgets_it_cannot_meet_or_need_not():
         p_sigmoid_search(lambda s: 0.0, 8, flops, 1.0, trials=2, visual_tokens=16)
 
 
-def test_p_sigmoid_without_optuna_says_what_to_install_before_any_work(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_optuna(name, *args, **kwargs):
-        if name == "optuna" or name.startswith("optuna."):
-            raise ImportError("No module named 'optuna'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_optuna)
+def test_p_sigmoid_without_optuna_says_what_to_install_before_any_work(no_optuna):
     calls = []
     with pytest.raises(ImportError, match=r"pip install 'tokenreduce\[search\]'"):
         p_sigmoid_search(lambda s: calls.append(s) or 0.0, 8, lambda s: calls.append(s) or 0.0, 0.5, trials=2)
