@@ -47,6 +47,11 @@ def mean_kept(drops: Sequence[tuple[int, float]], num_layers: int) -> float:
     return (total + (num_layers - prev) * cur) / num_layers
 
 
+def kept_count(visual_tokens: int, fraction: float) -> int:
+    """Visual tokens an image of ``visual_tokens`` keeps at ``fraction``: floor, at least 1 (the runtime's rule)."""
+    return min(visual_tokens, max(1, math.floor(visual_tokens * fraction + 1e-9)))
+
+
 def check_drops(drops, where: str = "schedule") -> tuple[tuple[int, float], ...]:
     """``drops`` as a tuple of ``(int layer, float fraction)``, or a `BudgetError` saying what is wrong."""
     if isinstance(drops, (str, bytes, Mapping)) or not isinstance(drops, (Sequence, tuple, list)):
@@ -138,7 +143,7 @@ class LayerSchedule:
         counts, cur, at = [], visual_tokens, dict(self.drops)
         for layer in range(n):
             if layer in at:
-                cur = min(visual_tokens, max(1, math.floor(visual_tokens * at[layer] + 1e-9)))
+                cur = kept_count(visual_tokens, at[layer])
             counts.append(cur)
         return counts
 

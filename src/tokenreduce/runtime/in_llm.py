@@ -23,7 +23,6 @@ keep their own counts and are left-padded. Models with sliding-window layers are
 from __future__ import annotations
 
 import inspect
-import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.kv import CompressedLayer, gather_mask, kv_bytes, layer_mask
 from ..core.method import LayerDropMethod
+from ..core.schedule import kept_count
 from ..core.stats import Stats
 from ..core.undo import Undo
 from ..families.decoders import DecoderFamily, attention_modules, decoder_info, layer_types
@@ -119,7 +119,7 @@ def schedule_prefill_flops(schedule, method: LayerDropMethod, info, mlp_size: in
     widths, kept = [], visual
     for i in range(info.num_layers):
         if i in drops:
-            kept = min(visual, max(1, math.floor(visual * drops[i] + 1e-9)))
+            kept = kept_count(visual, drops[i])
         widths.append(length - visual + kept)
     flops = sum(decoder_layer_flops(w, info, mlp_size) for w in widths)
     flops += sum(method.scoring_flops(widths[k - 1], info) for k in drops)
@@ -260,7 +260,7 @@ class InLLMAttachment:
     @staticmethod
     def _count(frac: float, counts: Tensor) -> Tensor:
         """Visual tokens each sample keeps: floor(frac * n), at least 1 (a text-only sample of the batch keeps 0);
-        `schedule_prefill_flops` and `core.schedule.LayerSchedule.kept_counts` count the same way."""
+        the tensor form of `core.schedule.kept_count`, which the analytic counts use."""
         kept = torch.floor(counts.to(torch.float64) * frac + 1e-9).to(torch.long).clamp_min(1)
         return torch.minimum(kept, counts)
 

@@ -1,4 +1,4 @@
-"""LayerSchedule search for any in-LLM method: G-Search and P-Sigmoid.
+"""Schedule search for any in-LLM method: G-Search and P-Sigmoid.
 
 From *Accelerating Multimodal Large Language Models by Searching Optimal Vision Token Reduction*
 (Zhao, Wang, Juefei-Xu, Xia, Liu, Wang, Liang, Zhang, Metaxas, Yu; CVPR 2025; arXiv 2412.00556).
