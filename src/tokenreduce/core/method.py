@@ -462,15 +462,35 @@ class ConnectorMethod(CountedMethod):
         return 0.0
 
 
-class LayerDropMethod(Method):
-    """A method that drops visual tokens inside the language model during the prefill (FastV, PyramidDrop).
+@dataclass
+class LayerContext:
+    """One sample's tokens where a drop layer of the language model starts, as an in-LLM method plans them.
 
-    It names a schedule: at each drop layer ``K`` (0-based), from the visual tokens still there,
-    keep the top ``fraction`` of the *original* visual count by a score of the last prompt token's
-    attention. The attachment computes that attention from Q and K only (SDPA stays SDPA): from the
-    previous layer's attention call (``scores_from = "previous"``, FastV) or from layer ``K``'s own
-    norm and projections applied to its input (``"own"``, PyramidDrop). Layers >= ``K`` then run
-    on the kept tokens only, their cache holds only them, and ``generate`` continues.
+    Rows are the tokens still present (padding excluded), in prompt order. ``attention`` holds softmax
+    rows over them (GQA-correct, causal): the last prompt token's row alone (``attention_rows = "last"``),
+    every row (``"all"``), or nothing (``"none"``).
+    """
+
+    layer: int
+    hidden: Tensor  # [n, D] the hidden states entering layer ``layer``
+    visual: Tensor  # [n] bool: which rows are visual tokens
+    attention: Tensor | None  # [H, r, n] float32: r = 1 (the last row) or n
+    budget: int  # visual tokens to keep: the schedule's count of the original visual tokens
+
+
+class LayerDropMethod(Method):
+    """A method that reduces visual tokens inside the language model during the prefill (FastV, PyramidDrop,
+    SparseVLM, VisionDrop, LLaVolta).
+
+    It names a schedule: at each drop layer ``K`` (0-based), the visual tokens still there are reduced
+    to the schedule's ``fraction`` of the *original* visual count. By default the top ones by a score
+    of the last prompt token's attention are kept (`plan`, `score`); a method may instead plan any
+    `Reduction` of a sample's visual tokens (merge, pool, recycle): each output token takes the place
+    and position of its earliest source. The attachment computes the attention rows the method asks
+    for (``attention_rows``) from Q and K only (SDPA stays SDPA): from the previous layer's attention
+    call (``scores_from = "previous"``, FastV) or from layer ``K``'s own norm and projections applied
+    to its input (``"own"``, PyramidDrop). Layers >= ``K`` then run on the kept tokens only, their
+    cache holds only them, and ``generate`` continues.
 
     Budget (one meaning): ``keep_ratio`` = the fraction of visual tokens kept, averaged over the
     language model's layers; each method solves its native schedule for it. Or ``schedule``: any
@@ -481,6 +501,7 @@ class LayerDropMethod(Method):
 
     stage = "decoder"
     scores_from: ClassVar[str] = "previous"
+    attention_rows: ClassVar[str] = "last"  # "last" (the last prompt token's row), "all", or "none"
 
     def __init__(self, keep_ratio: float | None = None, schedule=None):
         super().__init__(keep_ratio)
@@ -515,14 +536,25 @@ class LayerDropMethod(Method):
         """The method's own schedule from its native parameters or ``keep_ratio``."""
         raise NotImplementedError
 
+    def plan(self, ctx: LayerContext) -> "Reduction":  # noqa: F821
+        """A Reduction of batch 1 from the sample's ``v`` visual tokens (in prompt order) to at most ``v`` tokens.
+        Default: keep the top ``ctx.budget`` by `score` of the last row (ties: the earlier token)."""
+        from .reduction import Reduction
+
+        score = self.score(ctx.attention[None, :, -1]).float()[0][ctx.visual]
+        keep = score.sort(descending=True, stable=True).indices[: ctx.budget].sort().values
+        return Reduction.keep(keep[None], score.numel())
+
     def score(self, attention: Tensor) -> Tensor:
         """Scores [B, L] (higher kept; only visual tokens are ranked) from the last query's softmax ``attention``
         [B, H, L] over the tokens present at the drop layer."""
         return attention.mean(1)
 
     def scoring_flops(self, length: int, info: DecoderInfo) -> float:
-        """FLOPs of scoring at one drop layer over ``length`` tokens, beyond what the model computes anyway."""
-        return 2.0 * info.num_heads * length * info.head_dim
+        """FLOPs of scoring at one drop layer over ``length`` tokens, beyond what the model computes anyway: the
+        attention rows asked for (a method adds its own planning)."""
+        rows = {"last": 1, "all": length, "none": 0}[self.attention_rows]
+        return 2.0 * info.num_heads * rows * length * info.head_dim
 
     @staticmethod
     def mean_kept(schedule: list[tuple[int, float]], num_layers: int) -> float:

@@ -1,13 +1,17 @@
-"""In-LLM stage: drop visual tokens inside a VLM's language model during the prefill (FastV, PyramidDrop).
+"""In-LLM stage: reduce visual tokens inside a VLM's language model during the prefill (FastV, PyramidDrop,
+SparseVLM, VisionDrop, LLaVolta).
 
 A `LayerDropMethod` names a schedule of drop layers ``K``. During a prefill whose prompt carries
 visual tokens (found from the input ids and the model's placeholder ids, captured by a pre-hook
-on the VLM's inner model), at each ``K`` the last prompt token's attention to the visual tokens
-still present ranks them, and from layer ``K`` on the hidden states hold only the kept ones:
+on the VLM's inner model), at each ``K`` the method plans, per sample, a `Reduction` of the visual
+tokens still present (by default: keep the top ones by the last prompt token's attention), and
+from layer ``K`` on the hidden states hold only the text tokens and the reduced visual ones, each
+at its earliest source's place and position:
 
-* scores come from Q and K only — the previous layer's own attention call (a routed listener
-  computes the one softmax row of the last query; SDPA stays SDPA), or layer ``K``'s norm, Q/K
-  projections and RoPE applied to its input (PyramidDrop's reference), GQA-correct;
+* attention rows come from Q and K only — the previous layer's own attention call (a routed
+  listener computes the softmax rows the method asks for, the last query's or all of them; SDPA
+  stays SDPA), or layer ``K``'s norm, Q/K projections and RoPE applied to its input (PyramidDrop's
+  reference), GQA-correct;
 * a forward pre-hook on each layer ``>= K`` gives it the pruned hidden states' own mask
   (causal over the kept tokens, padding masked; a padded slot sees only itself), positions and
   rotary embeddings: kept tokens keep their original positions; no layer runs twice;
@@ -32,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..core.errors import NeverFiredError, StageError, UnsupportedModelError
 from ..core.kv import CompressedLayer, gather_mask, kv_bytes, layer_mask
-from ..core.method import LayerDropMethod
+from ..core.method import LayerContext, LayerDropMethod
 from ..core.schedule import kept_count
 from ..core.stats import Stats
 from ..core.undo import Undo
@@ -81,7 +85,7 @@ class _Run:
     length: int  # the prompt's (logical) length
     visual_counts: Tensor  # [B] visual tokens of each sample at the start
     dropped: bool = False
-    scores: Tensor | None = None  # [B, H, L] the last query's softmax attention, for the next drop
+    scores: Tensor | None = None  # [B, H, r, L] softmax attention rows (r = 1: the last query's), for the next drop
     tokens_per_layer: list[float] = field(default_factory=list)
     visual_per_layer: list[float] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
@@ -150,7 +154,10 @@ class InLLMAttachment:
                 raise StageError(f"{method!r}: drop layer {k} is outside this language model's layers 1..{nl - 1} "
                                  f"({nl} layers)")
         self.drops = dict(self.schedule)
-        if method.scores_from == "own" and parts.family.positions != "1d":
+        if method.attention_rows not in ("last", "all", "none"):
+            raise StageError(f"{method.name}: attention_rows must be 'last', 'all' or 'none'; got {method.attention_rows!r}")
+        self.scored = method.attention_rows != "none"
+        if self.scored and method.scores_from == "own" and parts.family.positions != "1d":
             raise UnsupportedModelError(f"{method!r} scores with layer K's own projections and 1-D RoPE; this "
                                         f"{parts.family.name} model uses M-RoPE: pass scores_from='previous'")
         self.stats = InLLMStats()
@@ -274,7 +281,7 @@ class InLLMAttachment:
             if run.embeddings is None:  # the first hooked layer: what every layer receives in this forward
                 run.embeddings, run.mask = kwargs.get("position_embeddings"), kwargs.get("attention_mask")
             if i in self.drops:
-                if self.method.scores_from == "own":
+                if self.scored and self.method.scores_from == "own":
                     run.scores = self._own_scores(i, layer, hidden, run)
                 hidden = self._drop(i, hidden, run)
             self._record_layer(run)
@@ -297,41 +304,56 @@ class InLLMAttachment:
         run.widths.append(run.index.shape[1])
 
     def _own_scores(self, i: int, layer: nn.Module, hidden: Tensor, run: _Run) -> Tensor:
-        """PyramidDrop: layer i's norm, Q/K projections and RoPE on its input; the last query's softmax row."""
+        """PyramidDrop: layer i's norm, Q/K projections and RoPE on its input; the softmax rows asked for."""
         attn = self.attns[i]
         b, n, _ = hidden.shape
         hd = self.info.head_dim
+        r = n if self.method.attention_rows == "all" else 1
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x[:, -1:]).view(b, 1, -1, hd)
+        q = attn.q_proj(x[:, n - r:]).view(b, r, -1, hd)
         k = attn.k_proj(x).view(b, n, -1, hd)
         if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = run.embeddings
         cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-        q, k = rotate(q, cos[:, -1:], sin[:, -1:]), rotate(k, cos, sin)
-        mask = run.valid[:, None, None, :]
-        logits = row_logits(q, k, mask, getattr(attn, "scaling", None), 0, 1, n)
-        return logits.softmax(-1)[:, :, 0]  # [B, H, L]
+        q, k = rotate(q, cos[:, n - r:], sin[:, n - r:]), rotate(k, cos, sin)
+        logits = row_logits(q, k, layer_mask(run.valid, r), getattr(attn, "scaling", None), 0, r, n)
+        return logits.softmax(-1)  # [B, H, r, L]
 
     def _drop(self, i: int, hidden: Tensor, run: _Run) -> Tensor:
-        """Keep each sample's text tokens and its top visual tokens; rows left-padded."""
-        if run.scores is None:
+        """Keep each sample's text tokens and the method's reduction of its visual tokens (each output at its
+        earliest source's row); rows left-padded."""
+        if self.scored and run.scores is None:
             raise NeverFiredError(f"{self.method.name}: no attention scores reached drop layer {i}")
-        budgets = self._budgets[i].to(hidden.device)
+        budgets = self._budgets[i].tolist()
         b, n = run.index.shape
-        present = run.visual & run.valid
-        score = self.method.score(run.scores).float().masked_fill(~present, float("-inf"))
-        order = score.sort(dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(n, device=order.device).expand(b, -1))
-        keep = run.valid & (~run.visual | (rank < budgets[:, None]))
-        counts = keep.sum(-1)
-        width = int(counts.max())
-        idx = torch.full((b, width), -1, dtype=torch.long, device=keep.device)  # left-padded compaction
-        src = torch.arange(n, device=keep.device)
+        rows, merged = [], []  # per sample: the current rows kept (ascending); the reduced visual states or None
         for s in range(b):
-            idx[s, width - int(counts[s]):] = src[keep[s]]
+            present = run.valid[s].nonzero().flatten()
+            visual = run.visual[s, present]
+            if not bool(visual.any()):
+                rows.append(present)
+                merged.append(None)
+                continue
+            attention = None
+            if run.scores is not None:
+                attention = run.scores[s][..., present].float()
+                if attention.shape[1] > 1:
+                    attention = attention[:, present]
+            plan = self.method.plan(LayerContext(layer=i, hidden=hidden[s, present], visual=visual,
+                                                 attention=attention, budget=int(budgets[s])))
+            vrows = present[visual]
+            anchors = self._check_plan(plan, vrows.numel(), i)
+            order = anchors.argsort()
+            rows.append(torch.cat([present[~visual], vrows[anchors[order]]]).sort().values)
+            merged.append(None if plan.keep_index is not None else
+                          (plan.apply(hidden[s, vrows][None])[0][order], vrows[anchors[order]]))
+        counts = [r.numel() for r in rows]
+        width = max(counts)
+        idx = torch.full((b, width), -1, dtype=torch.long, device=hidden.device)  # left-padded compaction
+        for s in range(b):
+            idx[s, width - counts[s]:] = rows[s]
         run.index = torch.where(idx >= 0, _take(run.index, idx, 1), -1)
         run.visual = torch.where(idx >= 0, _take(run.visual.long(), idx, 1), 0).bool()
         pos = run.positions
@@ -343,7 +365,23 @@ class InLLMAttachment:
         run.dropped = True
         run.scores = None
         out = _take(hidden, idx, 2)
-        return out * (idx >= 0)[..., None].to(out.dtype)
+        out = out * (idx >= 0)[..., None].to(out.dtype)
+        for s, m in enumerate(merged):
+            if m is not None:
+                states, at = m
+                out[s, width - counts[s] + torch.searchsorted(rows[s], at)] = states.to(out.dtype)
+        return out
+
+    def _check_plan(self, plan, num_visual: int, layer: int) -> Tensor:
+        """The anchors (earliest source) of a method's plan; a malformed plan is the method's bug: say so."""
+        if plan.batch != 1 or plan.num_in != num_visual:
+            raise StageError(f"{self.method.name}: at layer {layer} the plan maps {plan.batch} x {plan.num_in} tokens; "
+                             f"expected 1 x {num_visual} (the sample's visual tokens)")
+        anchors = plan.anchors()[0]
+        if plan.num_out < 1 or bool((anchors < 0).any()) or anchors.unique().numel() != anchors.numel():
+            raise StageError(f"{self.method.name}: at layer {layer} the plan has an empty output or two outputs with "
+                             "the same earliest source; every output token needs its own place")
+        return anchors
 
     def _prefill_mask(self, mask, idx: Tensor, valid: Tensor, dtype) -> Tensor:
         """The kept rows' mask: the layers' own 4-D mask gathered to the kept rows and columns (so Gemma 3's
@@ -361,13 +399,14 @@ class InLLMAttachment:
     def attend(self, index, module, query, key, value, attention_mask, proceed, **kwargs):
         run = self._run
         if run is not None:
-            if index + 1 in self.drops and self.method.scores_from == "previous":
+            if self.scored and index + 1 in self.drops and self.method.scores_from == "previous":
                 q = query.shape[-2]
+                lo = 0 if self.method.attention_rows == "all" else q - 1
                 mask = attention_mask if run.dropped or attention_mask is not None else None
                 if mask is None and not bool(run.valid.all()):
-                    mask = run.valid[:, None, None, :]
-                logits = row_logits(query, key, mask, kwargs.get("scaling"), q - 1, q, key.shape[-2])
-                run.scores = logits.softmax(-1)[:, :, 0]  # [B, H, L]
+                    mask = layer_mask(run.valid, q)
+                logits = row_logits(query, key, mask, kwargs.get("scaling"), lo, q, key.shape[-2])
+                run.scores = logits.softmax(-1)  # [B, H, r, L]
             return proceed(query, key, value, attention_mask, **kwargs)
         cache = self._cache  # the attention function does not receive the cache: the backbone hook keeps it
         layer = None
