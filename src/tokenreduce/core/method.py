@@ -476,6 +476,9 @@ class LayerContext:
     visual: Tensor  # [n] bool: which rows are visual tokens
     attention: Tensor | None  # [H, r, n] float32: r = 1 (the last row) or n
     budget: int  # visual tokens to keep: the schedule's count of the original visual tokens
+    inputs: Tensor  # [n, D] the same tokens' input embeddings (what entered the language model)
+    keys: Tensor | None  # [H_kv, n, Dh] the post-RoPE keys the attention rows were computed from
+    rotary: tuple  # (cos, sin) [..., n, Dh]: the rotary embeddings of the rows' positions
 
 
 class LayerDropMethod(Method):
@@ -544,6 +547,11 @@ class LayerDropMethod(Method):
         score = self.score(ctx.attention[None, :, -1]).float()[0][ctx.visual]
         keep = score.sort(descending=True, stable=True).indices[: ctx.budget].sort().values
         return Reduction.keep(keep[None], score.numel())
+
+    def place(self, plan: "Reduction") -> Tensor:  # noqa: F821
+        """The source whose place (row and position) each output token of ``plan`` takes [M]; one of its own
+        sources. Default: the earliest."""
+        return plan.anchors()[0]
 
     def score(self, attention: Tensor) -> Tensor:
         """Scores [B, L] (higher kept; only visual tokens are ranked) from the last query's softmax ``attention``

@@ -47,6 +47,19 @@ def mean_kept(drops: Sequence[tuple[int, float]], num_layers: int) -> float:
     return (total + (num_layers - prev) * cur) / num_layers
 
 
+def fit_schedule(make, target: float, num_layers: int, hi: float = 1.0) -> list[tuple[int, float]]:
+    """The schedule ``make(t)`` whose `mean_kept` meets ``target``: ``t`` in ``(0, hi]`` by bisection, ``make``'s
+    mean growing with ``t`` (the smallest ``t`` found whose mean is at least the target, to 60 halvings)."""
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mean_kept(make(mid), num_layers) < target:
+            lo = mid
+        else:
+            hi = mid
+    return make(hi)
+
+
 def kept_count(visual_tokens: int, fraction: float) -> int:
     """Visual tokens an image of ``visual_tokens`` keeps at ``fraction``: floor, at least 1 (the runtime's rule)."""
     return min(visual_tokens, max(1, math.floor(visual_tokens * fraction + 1e-9)))

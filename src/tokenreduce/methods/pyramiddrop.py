@@ -36,6 +36,7 @@ from ..core.errors import BudgetError
 from ..core.method import DecoderInfo, LayerDropMethod
 from ..core.params import check_choice, check_float, check_ints
 from ..core.registry import register
+from ..core.schedule import fit_schedule
 
 
 @register
@@ -86,14 +87,7 @@ class PyramidDrop(LayerDropMethod):
             raise BudgetError(f"{self.name}: keep_ratio={target} is below what stages at {layers} of {n} layers can "
                               f"reach ({lowest:.3f}, every visual token gone after the first stage); raise keep_ratio "
                               "or start the first stage later")
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if self.mean_kept([(k, mid ** (s + 1)) for s, k in enumerate(layers)], n) < target:
-                lo = mid
-            else:
-                hi = mid
-        return [(k, hi ** (s + 1)) for s, k in enumerate(layers)]
+        return fit_schedule(lambda lam: [(k, lam ** (s + 1)) for s, k in enumerate(layers)], target, n)
 
     def scoring_flops(self, length: int, info: DecoderInfo) -> float:
         qd, kvd, h = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim, info.hidden_size

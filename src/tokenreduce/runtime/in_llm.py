@@ -85,7 +85,9 @@ class _Run:
     length: int  # the prompt's (logical) length
     visual_counts: Tensor  # [B] visual tokens of each sample at the start
     dropped: bool = False
+    inputs: Tensor | None = None  # [B, N, D] the prompt's input embeddings
     scores: Tensor | None = None  # [B, H, r, L] softmax attention rows (r = 1: the last query's), for the next drop
+    keys: Tensor | None = None  # [B, H_kv, L, Dh] the post-RoPE keys the rows came from
     tokens_per_layer: list[float] = field(default_factory=list)
     visual_per_layer: list[float] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
@@ -96,6 +98,12 @@ class _Run:
     @property
     def valid(self) -> Tensor:
         return self.index >= 0
+
+
+def _row(t: Tensor, s: int, rows: Tensor) -> Tensor:
+    """Sample ``s``'s ``rows`` of a rotary table [..., B or 1, L, D]."""
+    t = t[..., min(s, t.shape[-3] - 1), :, :]
+    return t[..., rows, :]
 
 
 def _take(t: Tensor, idx: Tensor, dim_from_end: int) -> Tensor:
@@ -259,7 +267,7 @@ class InLLMAttachment:
             pos = torch.arange(n, device=ids.device)[None]
         self._run = _Run(index=torch.where(valid, torch.arange(n, device=ids.device)[None], -1), visual=visual,
                          positions=pos, embeddings=None, mask=None, length=n, visual_counts=visual.sum(-1),
-                         cache=cache if isinstance(cache, Cache) else None)
+                         cache=cache if isinstance(cache, Cache) else None, inputs=embeds)
         self._budgets = {k: self._count(frac, self._run.visual_counts) for k, frac in self.schedule}
         self.inputs.fired = True
         return None
@@ -319,6 +327,7 @@ class InLLMAttachment:
         cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         q, k = rotate(q, cos[:, n - r:], sin[:, n - r:]), rotate(k, cos, sin)
         logits = row_logits(q, k, layer_mask(run.valid, r), getattr(attn, "scaling", None), 0, r, n)
+        run.keys = k
         return logits.softmax(-1)  # [B, H, r, L]
 
     def _drop(self, i: int, hidden: Tensor, run: _Run) -> Tensor:
@@ -341,8 +350,11 @@ class InLLMAttachment:
                 attention = run.scores[s][..., present].float()
                 if attention.shape[1] > 1:
                     attention = attention[:, present]
-            plan = self.method.plan(LayerContext(layer=i, hidden=hidden[s, present], visual=visual,
-                                                 attention=attention, budget=int(budgets[s])))
+            cos, sin = run.embeddings
+            plan = self.method.plan(LayerContext(
+                layer=i, hidden=hidden[s, present], visual=visual, attention=attention, budget=int(budgets[s]),
+                inputs=run.inputs[s, run.index[s, present]], rotary=(_row(cos, s, present), _row(sin, s, present)),
+                keys=None if run.keys is None else run.keys[s][:, present]))
             vrows = present[visual]
             anchors = self._check_plan(plan, vrows.numel(), i)
             order = anchors.argsort()
@@ -363,7 +375,7 @@ class InLLMAttachment:
         run.mask = self._prefill_mask(run.mask, idx, run.valid, hidden.dtype)
         run.kept_at[i] = [[int(p) for p in row if p >= 0] for row in run.index.tolist()]
         run.dropped = True
-        run.scores = None
+        run.scores = run.keys = None
         out = _take(hidden, idx, 2)
         out = out * (idx >= 0)[..., None].to(out.dtype)
         for s, m in enumerate(merged):
@@ -377,11 +389,15 @@ class InLLMAttachment:
         if plan.batch != 1 or plan.num_in != num_visual:
             raise StageError(f"{self.method.name}: at layer {layer} the plan maps {plan.batch} x {plan.num_in} tokens; "
                              f"expected 1 x {num_visual} (the sample's visual tokens)")
-        anchors = plan.anchors()[0]
-        if plan.num_out < 1 or bool((anchors < 0).any()) or anchors.unique().numel() != anchors.numel():
-            raise StageError(f"{self.method.name}: at layer {layer} the plan has an empty output or two outputs with "
-                             "the same earliest source; every output token needs its own place")
-        return anchors
+        places = self.method.place(plan)
+        slots = torch.arange(plan.num_out, device=places.device)
+        own = (plan.dest[0, places.clamp_min(0)] == slots if plan.dest is not None
+               else plan.matrix[0, slots, places.clamp_min(0)] != 0)
+        if plan.num_out < 1 or bool((places < 0).any()) or not bool(own.all()) or places.unique().numel() != places.numel():
+            raise StageError(f"{self.method.name}: at layer {layer} the plan places an output token where none of its "
+                             "sources is, or two outputs at one place; every output token takes one of its own "
+                             "sources' place")
+        return places
 
     def _prefill_mask(self, mask, idx: Tensor, valid: Tensor, dtype) -> Tensor:
         """The kept rows' mask: the layers' own 4-D mask gathered to the kept rows and columns (so Gemma 3's
@@ -406,7 +422,7 @@ class InLLMAttachment:
                 if mask is None and not bool(run.valid.all()):
                     mask = layer_mask(run.valid, q)
                 logits = row_logits(query, key, mask, kwargs.get("scaling"), lo, q, key.shape[-2])
-                run.scores = logits.softmax(-1)  # [B, H, r, L]
+                run.scores, run.keys = logits.softmax(-1), key  # [B, H, r, L]
             return proceed(query, key, value, attention_mask, **kwargs)
         cache = self._cache  # the attention function does not receive the cache: the backbone hook keeps it
         layer = None
