@@ -103,3 +103,78 @@ def test_a_plan_over_the_wrong_tokens_is_the_methods_bug_and_says_so():
     with pytest.raises(tr.StageError, match="the plan maps 1 x 15 tokens; expected 1 x 16"):
         with torch.no_grad(), tr.apply(model, _BadPlan()):
             model(**inputs)
+
+
+# ---------------------------------------------------------------------------- VisionDrop
+def own_projections(model, k: int, x: torch.Tensor, positions: torch.Tensor):
+    """Layer k's norm, Q/K projections and RoPE on its input x [n, D]: (q [H, n, d], k [H, n, d]) with KV heads
+    repeated (GQA)."""
+    import transformers as tf
+
+    lm = model.model.language_model
+    layer = lm.layers[k]
+    a = layer.self_attn
+    n, hd = x.shape[0], a.head_dim
+    h = layer.input_layernorm(x[None])
+    q = a.q_proj(h).view(1, n, -1, hd).transpose(1, 2)
+    kk = a.k_proj(h).view(1, n, -1, hd).transpose(1, 2)
+    cos, sin = lm.rotary_emb(h, positions[None])
+    q, kk = tf.models.llama.modeling_llama.apply_rotary_pos_emb(q, kk, cos, sin)
+    kk = kk.repeat_interleave(q.shape[1] // kk.shape[1], dim=1)
+    return q[0], kk[0]
+
+
+@pytest.mark.parametrize("sample", [0, 2])
+def test_visiondrop_keeps_the_visual_tokens_other_visual_tokens_attend_and_merges_the_rest(sample):
+    """Reference (visiondrop_rank_drop): layer K's own Q/K with RoPE, the visual rows' causal softmax over all keys,
+    mean over heads, mean over the visual rows -> top d dominant; the rest merged on their head-mean post-RoPE keys
+    into c targets at a uniform stride, contextual = target + mean of the joined."""
+    model = tiny_vlm("llava")
+    inputs = one(vlm_batch(model, "llava", TEXTS), sample)
+    k, n_keep, frac = 1, 8, 0.25
+    x = lm_states(model, inputs)[k][0]
+    n = x.shape[0]
+    pos = torch.arange(n)
+    vis = visual_rows(inputs["input_ids"])
+    with torch.no_grad():
+        q, kk = own_projections(model, k, x, pos)
+        logits = (q @ kk.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        logits = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        a = logits.softmax(-1).mean(0)
+    score = a[vis][:, vis].mean(0)
+    c = round(frac * n_keep)
+    d = n_keep - c
+    dom = score.topk(d).indices
+    rest = [j for j in range(vis.numel()) if j not in set(dom.tolist())]
+    metric = kk.mean(0)[vis][rest]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    step = max(1, len(rest) // c)
+    targets = list(range(0, len(rest), step))[:c]
+    members = {t: [] for t in targets}
+    for i in range(len(rest)):
+        if i not in targets:
+            members[targets[int((metric[i] @ metric[targets].T).argmax())]].append(i)
+    items = [(int(p), x[p]) for p in range(n) if p not in set(vis.tolist())]
+    items += [(int(vis[j]), x[vis[j]]) for j in dom.tolist()]
+    for t, joined in members.items():
+        value = x[vis[rest[t]]] + (x[vis[[rest[i] for i in joined]]].mean(0) if joined else 0)
+        items.append((int(vis[min([rest[t]] + [rest[i] for i in joined])]), value))
+    items.sort(key=lambda t: t[0])
+    want = continue_from(model, k, torch.stack([v for _, v in items])[None], torch.tensor([p for p, _ in items]))
+    got, stats = under(model, inputs, tr.get_method("visiondrop", layers=[k], ratios=[n_keep / vis.numel()],
+                                                    contextual_fraction=frac))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert stats.visual_tokens_per_layer == [vis.numel(), n_keep, n_keep]
+
+
+def test_visiondrop_default_stages_split_as_the_reference_table():
+    from tokenreduce.methods.visionzip import split_budget
+
+    assert [split_budget(k, 10 / 64) for k in (35, 26, 19)] == [(30, 5), (22, 4), (16, 3)]
+    method = tr.get_method("visiondrop")
+    info = type("Info", (), {"num_layers": 32})()
+    assert method.schedule(info) == [(8, 35 / 48), (16, 26 / 48), (24, 19 / 48)]
+    fitted = tr.get_method("visiondrop", keep_ratio=0.4).schedule(info)
+    assert abs(LayerDropMethod.mean_kept(fitted, 32) - 0.4) < 1e-6
+    with pytest.raises(tr.BudgetError, match="one ratio per stage"):
+        tr.get_method("visiondrop", ratios=[0.5]).schedule(info)

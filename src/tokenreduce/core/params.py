@@ -125,6 +125,17 @@ def check_ints(method: str, name: str, value, *, min: int | None = 0, optional: 
     return tuple(int(v) for v in value)
 
 
+def check_fractions(method: str, name: str, value, *, optional: bool = False, why: str = "") -> tuple[float, ...] | None:
+    """A non-empty list or tuple of numbers in (0, 1], returned as a tuple of floats; None too if ``optional``."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) > 0 \
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in value)
+    if not ok:
+        fail(method, name, "a list of numbers in (0, 1]", value, why=why, optional=optional)
+    return tuple(float(v) for v in value)
+
+
 def check_per_layer_r(method: str, name: str, value, *, optional: bool = True,
                       error: type[Exception] | None = None) -> int | list | tuple | None:
     """ToMe's ``r``: an integer >= 0 (tokens merged per block), a list of them (one per block), or
