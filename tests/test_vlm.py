@@ -256,8 +256,10 @@ FAMILIES = ["llava", "llava_dinov2", "llava_next", "llava_onevision", "qwen2_vl"
 
 def family_methods(name: str):
     mrope = name.startswith("qwen")
-    return [("visual_random", {}), ("fastv", dict(k=1)),
-            ("pyramiddrop", dict(layers=[1, 2], scores_from="previous" if mrope else "own"))]
+    own = "previous" if mrope else "own"
+    return [("visual_random", {}), ("fastv", dict(k=1)), ("pyramiddrop", dict(layers=[1, 2], scores_from=own)),
+            ("llavolta", dict(layer=1)), ("visiondrop", dict(layers=[1, 2], scores_from=own)),
+            ("sparsevlm", dict(layers=[1, 2])), ("sparsevlm", dict(layers=[1, 2], version="v2"))]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -178,3 +178,78 @@ def test_visiondrop_default_stages_split_as_the_reference_table():
     assert abs(LayerDropMethod.mean_kept(fitted, 32) - 0.4) < 1e-6
     with pytest.raises(tr.BudgetError, match="one ratio per stage"):
         tr.get_method("visiondrop", ratios=[0.5]).schedule(info)
+
+
+# ---------------------------------------------------------------------------- SparseVLM
+def plain_dpc_knn(x: torch.Tensor, clusters: int) -> torch.Tensor:
+    """DPC-kNN as the reference's cluster_and_merge, ties to the earlier token instead of noise."""
+    n = x.shape[0]
+    d = torch.tensor([[float((x[i] - x[j]).norm()) for j in range(n)] for i in range(n)]) / x.shape[1] ** 0.5
+    rho = torch.tensor([math.exp(-float((d[i].sort().values[:clusters] ** 2).mean())) for i in range(n)])
+    delta = []
+    for i in range(n):
+        higher = [float(d[i, j]) for j in range(n) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
+        delta.append(min(higher) if higher else float(d.max()))
+    centres = (rho * torch.tensor(delta)).topk(clusters).indices.tolist()
+    return torch.tensor([centres.index(i) if i in centres else int(d[i, centres].argmin()) for i in range(n)])
+
+
+@pytest.mark.parametrize("version", ["v1.5", "v2"])
+@pytest.mark.parametrize("sample", [0, 2])
+def test_sparsevlm_raters_score_the_visual_tokens_and_the_best_dropped_are_recycled(version, sample):
+    """Reference (SparseVLMs score.py / cluster_and_merge): raters = text after the image whose mean (over visual
+    tokens) softmax-over-text of v.t is above the mean; score = layer l's attention probabilities from the raters,
+    mean over heads and raters (v2: divided by the RoPE-only logits, top heads by rater-to-visual mass); keep the top
+    k; v1.5: the top 30 % + 1 dropped, DPC-kNN into n/10 + 1 clusters, each cluster's mean one more token."""
+    model = tiny_vlm("llava")
+    inputs = one(vlm_batch(model, "llava", TEXTS), sample)
+    k, target = 1, 192
+    eager = tiny_vlm("llava", attn="eager")
+    with torch.no_grad():
+        out = eager(**inputs, output_hidden_states=True, output_attentions=True)
+    x, emb = out.hidden_states[k][0], out.hidden_states[0][0]
+    probs = out.attentions[k - 1][0]  # [H, n, n] layer l = k - 1
+    n = x.shape[0]
+    vis = visual_rows(inputs["input_ids"])
+    text = torch.arange(int(vis[-1]) + 1, n)
+    m = (emb[vis] @ emb[text].T).softmax(-1).mean(0)
+    judges = text[m > m.mean()]
+    if version == "v2":
+        cos, sin = model.model.language_model.rotary_emb(x[None], torch.arange(n)[None])
+        q = torch.ones(1, 1, n, cos.shape[-1])
+        qr, kr = __import__("transformers").models.llama.modeling_llama.apply_rotary_pos_emb(q, q, cos, sin)
+        probs = probs / ((qr @ kr.transpose(-1, -2))[0, 0] / cos.shape[-1] ** 0.5)
+        heads = max(1, round(14 / 32 * probs.shape[0]))
+        mass = probs[:, judges][:, :, vis].sum((1, 2))
+        probs = probs[mass.topk(heads).indices]
+    score = probs.mean(0)[judges][:, vis].mean(0)
+    keep = min(math.floor(vis.numel() * 300 / 576 + 1e-9), vis.numel() - 1)
+    order = score.sort(descending=True, stable=True).indices
+    items = [(int(p), x[p]) for p in range(n) if p not in set(vis.tolist())]
+    items += [(int(vis[j]), x[vis[j]]) for j in order[:keep].tolist()]
+    if version == "v1.5":
+        dropped = order[keep:]
+        rec = dropped[:int(dropped.numel() * 0.3) + 1]
+        group = plain_dpc_knn(x[vis[rec]], rec.numel() // 10 + 1)
+        for g in range(int(group.max()) + 1):
+            members = vis[rec[group == g]]
+            items.append((int(members.min()), x[members].mean(0)))
+    items.sort(key=lambda t: t[0])
+    want = continue_from(model, k, torch.stack([v for _, v in items])[None], torch.tensor([p for p, _ in items]))
+    got, stats = under(model, inputs, tr.get_method("sparsevlm", target=target, version=version, layers=[k]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert stats.visual_tokens_per_layer[1] == len(items) - (n - vis.numel())
+
+
+def test_sparsevlm_tables_scale_to_the_depth_and_keep_ratio_meets_the_layer_mean():
+    info = type("Info", (), {"num_layers": 32})()
+    assert tr.get_method("sparsevlm").schedule(info) == [(3, 300 / 576), (7, 200 / 576), (16, 110 / 576)]
+    assert [k for k, _ in tr.get_method("sparsevlm", version="v2", target=64).schedule(info)] == [3, 7, 16]
+    fitted = tr.get_method("sparsevlm", keep_ratio=0.25).schedule(info)
+    assert abs(LayerDropMethod.mean_kept(fitted, 32) - 0.25) < 1e-6
+    with pytest.raises(tr.ParameterError, match="target must be one of 192, 128, 96, 64"):
+        tr.get_method("sparsevlm", target=100)
+    with pytest.raises(tr.BudgetError, match="version='v2'"):
+        tr.get_method("sparsevlm", top_heads=4)
+    with pytest.raises(tr.BudgetError, match="pass layers"):
+        tr.patch(tiny_vlm("llava"), tr.get_method("sparsevlm"))

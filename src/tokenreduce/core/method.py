@@ -477,6 +477,7 @@ class LayerContext:
     attention: Tensor | None  # [H, r, n] float32: r = 1 (the last row) or n
     budget: int  # visual tokens to keep: the schedule's count of the original visual tokens
     inputs: Tensor  # [n, D] the same tokens' input embeddings (what entered the language model)
+    visual_inputs: Tensor  # [N, D] the input embeddings of every visual token the sample's prompt had
     keys: Tensor | None  # [H_kv, n, Dh] the post-RoPE keys the attention rows were computed from
     rotary: tuple  # (cos, sin) [..., n, Dh]: the rotary embeddings of the rows' positions
 

@@ -35,6 +35,8 @@ Follows the reference code (Ruixxxx/VisionDrop @ f7a9444, ``modeling_llama_visio
 * GQA: the reference multiplies queries by keys without repeating KV heads and fails on GQA models;
   each query head reads its KV head here. Batches: the reference runs batch 1 with right padding
   and reads the visual count from its table; samples here are left-padded, each with its own count.
+* ``scores_from="previous"`` (an option; needed on M-RoPE models) takes the rows and keys from layer
+  ``K - 1``'s own attention call instead of re-projecting at layer ``K``.
 * Counts per stage come from the schedule (``floor(fraction * N)`` of the original ``N``), not a
   hard-coded table for 576 tokens.
 """
@@ -46,7 +48,7 @@ from torch import Tensor
 
 from ..core.errors import BudgetError
 from ..core.method import DecoderInfo, LayerContext, LayerDropMethod
-from ..core.params import check_float, check_fractions, check_ints
+from ..core.params import check_choice, check_float, check_fractions, check_ints
 from ..core.reduction import Reduction
 from ..core.registry import register
 from ..core.schedule import fit_schedule
@@ -90,7 +92,7 @@ class VisionDrop(LayerDropMethod):
     attention_rows = "all"
 
     def __init__(self, keep_ratio: float | None = None, layers=None, ratios=None,
-                 contextual_fraction: float = 10 / 64, schedule=None):
+                 contextual_fraction: float = 10 / 64, scores_from: str = "own", schedule=None):
         super().__init__(keep_ratio, schedule)
         self.refuse_with_schedule(layers=layers, ratios=ratios)
         self.layers = check_ints(self.name, "layers", layers, min=1, optional=True,
@@ -104,6 +106,8 @@ class VisionDrop(LayerDropMethod):
             raise BudgetError(f"{self.name}: ratios must not grow from stage to stage; got {list(self.ratios)}")
         self.contextual_fraction = check_float(self.name, "contextual_fraction", contextual_fraction, min=0.0,
                                                max=1.0, max_open=True, why="the share of each stage's count merged")
+        self.scores_from = check_choice(self.name, "scores_from", scores_from, ("own", "previous"),
+                                        why="'own' = layer K's projections (the reference)")
 
     def describe(self) -> str:
         if self.given_schedule is not None:
@@ -149,5 +153,5 @@ class VisionDrop(LayerDropMethod):
 
     def scoring_flops(self, length: int, info: DecoderInfo) -> float:
         qd, kvd, h = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim, info.hidden_size
-        projections = 2.0 * h * length * (qd + kvd)  # layer K's Q and K re-projected
-        return projections + 2.0 * info.num_heads * length * length * info.head_dim
+        projections = 2.0 * h * length * (qd + kvd) if self.scores_from == "own" else 0.0  # layer K's Q, K again
+        return projections + super().scoring_flops(length, info)

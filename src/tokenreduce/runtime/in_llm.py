@@ -86,6 +86,7 @@ class _Run:
     visual_counts: Tensor  # [B] visual tokens of each sample at the start
     dropped: bool = False
     inputs: Tensor | None = None  # [B, N, D] the prompt's input embeddings
+    visual0: Tensor | None = None  # [B, N] bool: the prompt's visual tokens
     scores: Tensor | None = None  # [B, H, r, L] softmax attention rows (r = 1: the last query's), for the next drop
     keys: Tensor | None = None  # [B, H_kv, L, Dh] the post-RoPE keys the rows came from
     tokens_per_layer: list[float] = field(default_factory=list)
@@ -267,7 +268,8 @@ class InLLMAttachment:
             pos = torch.arange(n, device=ids.device)[None]
         self._run = _Run(index=torch.where(valid, torch.arange(n, device=ids.device)[None], -1), visual=visual,
                          positions=pos, embeddings=None, mask=None, length=n, visual_counts=visual.sum(-1),
-                         cache=cache if isinstance(cache, Cache) else None, inputs=embeds)
+                         cache=cache if isinstance(cache, Cache) else None, inputs=embeds,
+                         visual0=visual)
         self._budgets = {k: self._count(frac, self._run.visual_counts) for k, frac in self.schedule}
         self.inputs.fired = True
         return None
@@ -353,7 +355,7 @@ class InLLMAttachment:
             cos, sin = run.embeddings
             plan = self.method.plan(LayerContext(
                 layer=i, hidden=hidden[s, present], visual=visual, attention=attention, budget=int(budgets[s]),
-                inputs=run.inputs[s, run.index[s, present]], rotary=(_row(cos, s, present), _row(sin, s, present)),
+                inputs=run.inputs[s, run.index[s, present]], visual_inputs=run.inputs[s, run.visual0[s]], rotary=(_row(cos, s, present), _row(sin, s, present)),
                 keys=None if run.keys is None else run.keys[s][:, present]))
             vrows = present[visual]
             anchors = self._check_plan(plan, vrows.numel(), i)
