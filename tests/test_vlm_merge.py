@@ -253,3 +253,45 @@ def test_sparsevlm_tables_scale_to_the_depth_and_keep_ratio_meets_the_layer_mean
         tr.get_method("sparsevlm", top_heads=4)
     with pytest.raises(tr.BudgetError, match="pass layers"):
         tr.patch(tiny_vlm("llava"), tr.get_method("sparsevlm"))
+
+
+# ---------------------------------------------------------------------------- after a connector method
+def test_an_in_llm_method_after_a_connector_reduces_the_rewritten_prompt_at_its_positions():
+    """VisionZip at the connector, then LLaVolta at layer 1: the language model's layers from 1 on run on the text
+    and the pooled pairs of VisionZip's tokens, each at its pair's middle member's original position."""
+    model = tiny_vlm("llava")
+    inputs = one(vlm_batch(model, "llava", TEXTS), 2)
+    connector = tr.get_method("visionzip", keep_ratio=0.5)
+    with torch.no_grad(), tr.apply(model, connector) as h:
+        x = model(**inputs, output_hidden_states=True).hidden_states[1][0]
+    kept = torch.tensor(h.stats.kept_positions[0])  # the rewritten rows' prompt positions
+    span = set(visual_rows(inputs["input_ids"]).tolist())
+    vis = torch.tensor([i for i, p in enumerate(kept.tolist()) if p in span])
+    items = [(int(kept[i]), x[i]) for i in range(kept.numel()) if i not in set(vis.tolist())]
+    for w in range(vis.numel() // 2):
+        pair = vis[2 * w:2 * w + 2]
+        items.append((int(kept[pair[0]]), x[pair].mean(0)))
+    items.sort(key=lambda t: t[0])
+    want = continue_from(model, 1, torch.stack([v for _, v in items])[None], torch.tensor([p for p, _ in items]))
+    with torch.no_grad(), tr.apply(model, tr.get_method("visionzip", keep_ratio=0.5),
+                                   tr.get_method("llavolta", layer=1, stride=2)) as h:
+        got = model(**inputs).logits[0, -1]
+        stages = h.stats_by_stage
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert stages["decoder"].visual_tokens_per_layer == [8, 4, 4]
+    assert stages["decoder"].flops_full == 0 and stages["connector"].flops_full > 0  # counted once
+
+
+def test_an_in_llm_method_after_a_connector_generates_a_padded_batch_as_its_samples():
+    model = tiny_vlm("llava")
+    batch = vlm_batch(model, "llava", TEXTS)
+    methods = lambda: (tr.get_method("fastervlm", keep_ratio=0.5),  # noqa: E731
+                       tr.get_method("visiondrop", layers=[1, 2], keep_ratio=0.8))
+    with torch.no_grad(), tr.apply(model, *methods()):
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, -4:]
+        singles = [model.generate(**one(batch, i), max_new_tokens=4, do_sample=False, pad_token_id=0)[0, -4:]
+                   for i in range(len(TEXTS))]
+    for i, single in enumerate(singles):
+        assert torch.equal(out[i], single), i
+    with pytest.raises(tr.StageError, match="kv-cache"):
+        tr.patch(model, tr.get_method("fastv", k=1), tr.get_method("snapkv", keep_ratio=0.5))

@@ -25,6 +25,7 @@ from . import (  # noqa: F401
     token_transforming,
     tome,
     tova,
+    vflowopt,
     visiondrop,
     visionzip,
     visual_baselines,

@@ -26,9 +26,10 @@ Follows the reference code (Ruixxxx/VisionDrop @ f7a9444, ``modeling_llama_visio
 ``visiondrop_rank_drop``). Differences:
 
 * Tower stage: the reference first runs VisionZip in the tower (42 dominant + 6 contextual tokens
-  of 576, scored by [CLS] attention); here that is the `visionzip` connector method, and composing
-  a connector method with an in-LLM one is not supported yet, so this module is the language-model
-  stages alone, on every visual token that enters the language model.
+  of 576, scored by [CLS] attention); here that is the `visionzip` connector method, composed in
+  front: ``apply(model, get_method("visionzip", keep_count=48), get_method("visiondrop"))`` (its
+  differences from the reference's tower step are in `visionzip`). This module is the language-model
+  stages, on the visual tokens that enter the language model (the stages' ratios are of those).
 * Positions and order: the reference renumbers the sequence after each stage (dominant tokens in
   order, then the contextual ones, then the text) and shifts decoding positions to match; here every
   token keeps its position and a contextual token takes its earliest source's place.

@@ -110,15 +110,13 @@ class Handle:
                 from ..families.vlms import require_vlm
                 from .in_llm import InLLMAttachment
 
-                if by_stage.get("kv-cache") or by_stage.get("connector"):
-                    other = (by_stage.get("kv-cache") or by_stage.get("connector"))[0]
-                    other = "a reduction inside the vision tower" if other is None else repr(other)
+                if by_stage.get("kv-cache"):
                     raise StageError(f"{method!r} drops visual tokens inside the language model; composing it with "
-                                     f"{other} is not supported yet (it finds visual tokens in the prompt a connector "
-                                     "rewrites, and a kv-cache stage would cut its pruned layers again). Use one of "
-                                     "them, or a connector method with tower and kv-cache methods")
+                                     f"{by_stage['kv-cache'][0]!r} is not supported yet (a kv-cache stage would cut "
+                                     "its pruned layers again). Use one of them, or tower and connector methods with "
+                                     "it")
                 self._stages["decoder"] = InLLMAttachment(model, require_vlm(model, method.name), family, backbone,
-                                                          method)
+                                                          method, after=self._stages.get("connector"))
             else:
                 from .prefill_filter import PrefillFilterAttachment
 

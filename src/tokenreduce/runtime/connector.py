@@ -142,6 +142,8 @@ class ConnectorAttachment:
         self._tower: dict | None = None
         self._pending: dict | None = None
         self._tower_slots: list[Tensor] | None = None
+        self.rewritten: dict | None = None  # the last rewrite's rows, for an in-LLM stage after this one
+        self.lm_counted_later = False  # an in-LLM stage follows: it counts the language model's FLOPs and layers
         try:
             if method.needs_cls or tower is not None:
                 self._route_tower(parts)
@@ -381,6 +383,7 @@ class ConnectorAttachment:
         out["past_key_values"] = cache
         kept = torch.where(slot, anchors, -1)
         self._pending = {"cache": cache if use_cache else None, "kept": kept, "length": length}
+        self.rewritten = {"visual": visual.gather(1, idx) & slot, "kept": kept}
         self._record(ids, visual, slot, red, planning, kept)
         return out
 
@@ -413,9 +416,9 @@ class ConnectorAttachment:
         s.visual_tokens, s.kept_visual_tokens = float(vis.mean()), float(new_vis.mean())
         s.prompt_tokens, s.kept_tokens = float(real.sum(-1).float().mean()), float(slot.sum(-1).float().mean())
         nl, m = self.info.num_layers, red.num_out
-        s.tokens_per_layer = s.mlp_tokens_per_layer = [s.kept_tokens] * nl
+        s.tokens_per_layer = s.mlp_tokens_per_layer = [] if self.lm_counted_later else [s.kept_tokens] * nl
         s.scoring_flops = planning
-        s.flops = nl * decoder_layer_flops(m, self.info, self.mlp_size) + planning
+        s.flops = (0.0 if self.lm_counted_later else nl * decoder_layer_flops(m, self.info, self.mlp_size)) + planning
         s.flops_full = nl * decoder_layer_flops(length, self.info, self.mlp_size)
         s.kept_positions = [[int(i) for i in row if i >= 0] for row in kept.tolist()]
         self.stats = s

@@ -143,7 +143,9 @@ class InLLMAttachment:
     """One in-LLM visual-token method attached to one VLM's language model."""
 
     def __init__(self, model: nn.Module, parts: VLMParts, family: DecoderFamily, backbone: nn.Module,
-                 method: LayerDropMethod):
+                 method: LayerDropMethod, after=None):
+        """``after``: the connector attachment that rewrites the prompt before this stage (a connector method or a
+        tower reduction), whose rewritten rows this stage reduces further."""
         if backbone is not parts.language_model:
             raise UnsupportedModelError(f"{method.name}: the decoder found is not the VLM's language model")
         types = layer_types(backbone.config)
@@ -176,6 +178,8 @@ class InLLMAttachment:
         self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
         self._sig = inspect.signature(backbone.forward)
         self._undo = Undo()
+        self.after = after
+        self._prompt_kept: Tensor | None = None
         try:
             self._attach()
         except Exception:
@@ -185,16 +189,21 @@ class InLLMAttachment:
     def _attach(self) -> None:
         first = self.schedule[0][0]
         for i, attn in enumerate(self.attns):
-            if i >= first or (i + 1 in self.drops and self.method.scores_from == "previous"):
-                route(attn, self, i, self._undo)
+            if i >= first or (i + 1 in self.drops and self.method.scores_from == "previous") or self.after:
+                route(attn, self, i, self._undo)  # after a connector: every layer's decoding mask
         for i, layer in enumerate(self.layers):
             if i >= first:
                 self._undo.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True).remove)
         if self.parts.family.deepstack and hasattr(self.backbone, "_deepstack_process"):
             self._wrap_deepstack()
         self.inputs = VisualInputs(self.parts, self._undo)
+        # the end hook runs before a connector's: this stage's pruned layers first, then the connector makes every
+        # layer stand for the whole prompt
         self._undo += [self.backbone.register_forward_pre_hook(self._begin, with_kwargs=True).remove,
-                       self.backbone.register_forward_hook(self._end, with_kwargs=True).remove]
+                       self.backbone.register_forward_hook(self._end, with_kwargs=True, prepend=True).remove]
+        if self.after is not None:
+            self.after.lm_counted_later = True
+            self._undo.append(lambda: setattr(self.after, "lm_counted_later", False))
 
     def _wrap_deepstack(self) -> None:
         """Qwen3-VL adds early tower layers' features to the visual tokens after its first layers; once visual tokens
@@ -212,6 +221,14 @@ class InLLMAttachment:
             return original(hidden_states, mask, _take(full, idx, 2)[mask])
 
         self._undo.set_instance_attr(self.backbone, "_deepstack_process", deepstack_process)
+
+    def _masks(self, layer) -> bool:
+        """Whether this stage builds ``layer``'s decoding masks: the layers it pruned, and after a connector every
+        layer the connector's rewrite compressed."""
+        if not isinstance(layer, CompressedLayer):
+            return False
+        return getattr(layer, "dropped_by", None) is self or (
+            self.after is not None and getattr(layer, "rewritten_by", None) is self.after)
 
     def remove(self) -> None:
         self._unflag()
@@ -237,7 +254,7 @@ class InLLMAttachment:
         self._cache = cache
         if isinstance(cache, Cache):
             for layer in cache.layers:
-                if isinstance(layer, CompressedLayer) and getattr(layer, "dropped_by", None) is self:
+                if self._masks(layer):
                     layer.masked_by = self
                     self._flagged.add(layer)
         embeds = kw.get("inputs_embeds")
@@ -247,7 +264,15 @@ class InLLMAttachment:
             self.inputs.fired = True
             self.stats = InLLMStats(batch_size=ids.shape[0])
             return None
-        visual = self.parts.visual_mask(ids)
+        if self.after is not None:  # the connector rewrote the prompt: reduce its rows
+            rewritten, self.after.rewritten = self.after.rewritten, None
+            if rewritten is None:
+                return None  # a text-only prompt or a decoding step: the connector left the call as it was
+            visual, self._prompt_kept = rewritten["visual"], rewritten["kept"]
+            self._padding = rewritten["kept"] >= 0
+            mask = self._padding
+        else:
+            visual = self.parts.visual_mask(ids)
         past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if not bool(visual.any()):
             if not past:  # a text-only prompt: nothing to drop (counted); decoding steps leave the stats alone
@@ -260,7 +285,7 @@ class InLLMAttachment:
                              "tokens; prefill the image prompt in one forward")
         if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
             raise StageError(f"{self.method.name} needs the 2-D padding mask of the prompt (or none)")
-        b, n = ids.shape
+        b, n = embeds.shape[:2]
         valid = self._padding if self._padding is not None else torch.ones(b, n, dtype=torch.bool, device=ids.device)
         visual = visual & valid
         pos = kw.get("position_ids")
@@ -430,7 +455,7 @@ class InLLMAttachment:
         layer = None
         if isinstance(cache, Cache) and module.layer_idx < len(cache.layers):
             layer = cache.layers[module.layer_idx]
-        if isinstance(layer, CompressedLayer) and getattr(layer, "dropped_by", None) is self:
+        if self._masks(layer):
             valid = layer.cache_validity(self._padding)
             if valid.shape[1] != key.shape[-2]:
                 raise StageError(f"layer {module.layer_idx}: the padding mask covers {valid.shape[1]} of its "
@@ -463,12 +488,17 @@ class InLLMAttachment:
         s.visual_tokens_per_layer = [vis0] * first + run.visual_per_layer
         s.visual_tokens, s.prompt_tokens = vis0, prompt
         s.kept_positions = run.kept_at
+        if self.after is not None and self._prompt_kept is not None:  # rows of the rewritten prompt -> prompt positions
+            s.kept_positions = {k: [[int(self._prompt_kept[b, p]) for p in row] for b, row in enumerate(rows)]
+                                for k, rows in run.kept_at.items()}
         widths = [run.length] * first + run.widths
         s.flops = sum(decoder_layer_flops(w, self.info, self.mlp_size) for w in widths)
         s.scoring_flops = sum(self.method.scoring_flops(w, self.info) for w in
                               [widths[k - 1] for k in self.drops])
         s.flops += s.scoring_flops
         s.flops_full = len(widths) * decoder_layer_flops(run.length, self.info, self.mlp_size)
+        if self.after is not None:
+            s.flops_full = 0.0  # the connector's stats count the whole prompt's reference
         cache = run.cache if run.cache is not None else getattr(output, "past_key_values", None)
         if isinstance(cache, Cache):
             self._compress_cache(cache, run, s)
