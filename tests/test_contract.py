@@ -222,6 +222,8 @@ CONTRACT: dict[str, Row] = {
                      variants={"dinov2": dict(model=vlm("llava_dinov2"), vlm="llava_dinov2"),
                                "renumber": dict(params=dict(renumber=True))}),
     "visionzip": Row(vlm("llava_dinov2"), {}, vlm="llava_dinov2", never_fires=ALWAYS_FIRES_VLM),
+    "vflowopt": Row(vlm("llava"), dict(a=2.0), vlm="llava", never_fires=ALWAYS_FIRES_VLM,
+                    variants={"dinov2": dict(model=vlm("llava_dinov2"), vlm="llava_dinov2")}),
     "visual_random": Row(vlm("llava"), dict(seed=3), vlm="llava", never_fires=ALWAYS_FIRES_VLM),
     "visual_pool": Row(vlm("llava"), {}, keep_ratio=0.25, vlm="llava", never_fires=ALWAYS_FIRES_VLM),
     # ------------------------------------------------------------------ decoder (visual tokens inside the LLM)

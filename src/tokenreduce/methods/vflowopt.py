@@ -6,8 +6,8 @@ important tokens and folds the unimportant ones into a few "recycled" tokens, pr
 model with the same map, and tunes the few hyperparameters of this strategy per model by an offline search that
 keeps the last prompt token's representation close to the unpruned model's (`tokenreduce.search.vflowopt`).
 
-The tower stage, per image, at the tower's select layer (the block whose output the projector reads; the
-reference's SigLIP block 25 of LLaVA-OneVision's 26):
+The tower stage, per image, at the tower's select layer (the block whose output the projector reads; in the
+reference block 25 of LLaVA-OneVision's SigLIP, whose 27th and last block it deletes):
 
 1. Average the select layer's softmax attention map over heads: ``A`` [N, N] over all of the layer's tokens.
 2. The attention each token *receives*, averaged over all queries: ``r_j = mean_i A[i, j]``.
@@ -35,11 +35,14 @@ the [CLS] row of the attention and the keys — not the whole attention map (and
 the image's pixels. Steps 2-4 need the whole map, and the entropy term needs the pixels. So:
 
 * with a ``tower_attention`` on the context ([H, N, N], the select layer's softmax map over all its tokens, the
-  image's n visual tokens last and in feature order — what the runtime change proposed in the report would
-  supply), steps 1-4 run as above;
+  image's n visual tokens last and in feature order), steps 1-4 run as above. The runtime does not set it yet;
+  the connector's select-layer listener, which has Q and K, could (`scoring.attention.full_attention`);
 * without it (the runtime as it is), the importance is the [CLS] row averaged over heads, i.e. the [CLS] token
   is taken to be the only global token: ``t`` has no effect, and the method needs a tower with a [CLS] token
-  (CLIP, DINOv2; the reference's SigLIP has none). ``scored_with`` says which of the two the last plan used;
+  (CLIP, DINOv2; the reference's SigLIP has none). ``scored_with`` says which of the two the last plan used.
+  On the mini-LLaVA (DINOv2-S, block -2) this is exact for most ``t``: its [CLS] token receives 34-40 times the
+  mean attention and the next token 2-4 times, so for ``t`` from about 4 to 34 it is the only global token
+  (measured on calibration images);
 * ``alpha`` must be 0 (the entropy term needs the raw image, which the connector never sees). `importance`
   and `patch_entropy` implement the term for callers that have the map and the pixels.
 
@@ -50,9 +53,11 @@ Differences from the reference code (sihany077/VFlowOpt at 129eeef: ``siglip_enc
 
 * No language-model drops (step 6). The reference prunes again at LLM layers 9 and 18 with the tower's map
   (handed over through an environment variable). Here the tower stage is a connector method and the drops would
-  be an in-LLM method; the runtime cannot yet compose a connector method with an in-LLM method (`runtime.attach`
-  refuses the pair), so only the tower stage is implemented and ``keep_ratio`` is the fraction of visual tokens
-  kept in every layer.
+  be an in-LLM method ranking by the tower's scores. This was written while the runtime refused a connector
+  method followed by an in-LLM method; the pair now composes (`runtime.attach`), but an in-LLM method still sees
+  only the language model's own signals (`core.method.LayerContext` carries no connector-side score of the
+  tokens it holds), so the drops cannot rank by the tower's map. Only the tower stage is implemented, and
+  ``keep_ratio`` is the fraction of visual tokens kept in every layer.
 * The importance map: without the runtime change above, the [CLS] row stands for the global tokens' rows (see
   "What the connector stage can compute today"); ``alpha != 0`` is refused.
 * When no token receives more than ``t`` times the mean (the reference then averages an empty set: NaN scores),
