@@ -241,7 +241,8 @@ def test_list_methods_unknown_stage_suggests_kv_cache():
 
 def test_the_planned_text_stage_lists_nothing_yet():
     assert tr.list_methods("text") == []
-    assert {i.name for i in tr.list_methods("connector")} == {"fastervlm", "visionzip", "visual_random", "visual_pool"}
+    assert {i.name for i in tr.list_methods("connector")} == {"fastervlm", "visionzip", "vflowopt", "visual_random",
+                                                                  "visual_pool"}
     assert {i.stage for i in tr.list_methods()} <= {"encoder", "connector", "decoder", "kv-cache", "text"}
 
 

@@ -94,25 +94,35 @@ def run_connector(model, inputs, method):
 
 @pytest.mark.parametrize("keep, a", [(6, 2.0), (9, 3.0), (3, 2.0), (5, 15.58)])
 def test_kept_and_recycled_tokens_equal_the_plain_reference(keep, a):
-    """Through the runtime: the [CLS] row stands for the global tokens (the connector has no whole map); (3, 2.0)
-    has more cells (4) than the budget: the weakest recycled token goes."""
+    """Through the runtime: the connector hands over the select layer's whole map and the global tokens score;
+    (3, 2.0) has more cells (4) than the budget: the weakest recycled token goes."""
     model = sharpen(tiny_vlm("llava"))
     inputs = one(vlm_batch(model, "llava", TEXTS), 0)
-    score = eager_map(model, inputs["pixel_values"]).mean(0)[0, 1:].tolist()
+    score = plain_importance(eager_map(model, inputs["pixel_values"]), 34.76)
     with torch.no_grad():
         feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0]
     want = plain_recycle(score, keep, a)
     method = tr.get_method("vflowopt", keep_count=keep, a=a)
     got_pos, got = run_connector(model, inputs, method)
-    assert method.scored_with == "[CLS] row"
+    assert method.scored_with == "global tokens"
     assert got_pos == [p for p, _ in want] and len(got_pos) == keep
     expected = torch.stack([sum(w * feats[j] for j, w in members) for _, members in want])
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def plain_importance(attn: torch.Tensor, t: float) -> list[float]:
+    """Steps 1-4: tokens receiving more than t x the mean attention are global; a patch's score is their mean row."""
+    m = attn.mean(0)
+    n = m.shape[-1]
+    received = [float(m[:, j].mean()) for j in range(n)]
+    mean = sum(received) / n
+    glob = [j for j in range(n) if received[j] > t * mean] or [max(range(n), key=lambda j: received[j])]
+    return [sum(float(m[g, 1 + j]) for g in glob) / len(glob) for j in range(n - 1)]
+
+
 @pytest.mark.parametrize("t", [1.0, 1e6])
 def test_the_whole_map_path_equals_the_plain_reference(t):
-    """Steps 1-4 on the select layer's whole map (what the proposed runtime change would hand over): global tokens
+    """Steps 1-4 on the select layer's whole map, planned directly from a context: global tokens
     receive more than t x the mean; score = their rows' mean (t=1e6: nobody qualifies, the most-attended alone)."""
     model = sharpen(tiny_vlm("llava"))
     inputs = one(vlm_batch(model, "llava", TEXTS), 1)
@@ -267,12 +277,13 @@ def test_last_token_objective_on_a_tiny_vlm():
         with tr.apply(model, tr.get_method("vflowopt", keep_count=3, a=2.0)):
             pruned = model.model(**batch).last_hidden_state[:, -1]
     want = torch.nn.functional.cosine_similarity(full, pruned, dim=-1).mean()
-    assert ev({"a": 2.0, "t": None}) == pytest.approx(float(want), abs=1e-5) and ev.scored_with == "[CLS] row"
+    assert ev({"a": 2.0, "t": None}) == pytest.approx(float(want), abs=1e-5) and ev.scored_with == "global tokens"
 
 
 def test_the_search_runs_end_to_end_on_a_tiny_vlm(tmp_path):
     """The driver (calibration questions -> prompts -> probe -> search -> params file) with the tiny llava and a
-    stub processor; t has no effect through the [CLS] row, so only a is searched; the file loads as a method."""
+    stub processor; the connector hands over the whole map, so t and a are both searched; the file loads as a
+    method."""
     model = sharpen(tiny_vlm("llava"))
 
     def processor(images, text):
@@ -283,11 +294,12 @@ def test_the_search_runs_end_to_end_on_a_tiny_vlm(tmp_path):
     cfg = VFlowOptSearchConfig(task="scenes", n=4, keep_ratio=0.25, trials=4, startup=2, sampler="tpe",
                                batch_size=2, space={"t": (0.0, 50.0), "a": (1.0, 4.0)}, out=str(out))
     result = run_vflowopt_search(cfg, model=model, processor=processor, log=lines.append)
-    assert any("t has no effect" in s for s in lines)
-    assert result.params["t"] is None and 1.0 <= result.params["a"] <= 4.0 and len(result.log) == 4
+    assert not any("t has no effect" in s for s in lines)
+    assert 0.0 <= result.params["t"] <= 50.0 and 1.0 <= result.params["a"] <= 4.0 and len(result.log) == 4
     saved = json.loads(out.read_text())
     assert saved["params"] == result.params and saved["keep_ratio"] == 0.25
-    assert saved["source"]["scored_with"] == "[CLS] row" and saved["source"]["space"] == {"a": [1.0, 4.0]}
+    assert saved["source"]["scored_with"] == "global tokens"
+    assert saved["source"]["space"] == {"t": [0.0, 50.0], "a": [1.0, 4.0]}
     method = tr.get_method("vflowopt", params_file=str(out))
     assert method.a == result.params["a"] and method.budget.ratio == 0.25
     with torch.no_grad(), tr.apply(model, method) as h:

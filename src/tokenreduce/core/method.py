@@ -435,6 +435,7 @@ class VisualContext:
     tower_keys: Tensor | None = None  # [H, n, Dh] the tower's keys of the visual tokens
     grid: tuple[int, int] | None = None  # (rows, cols) when the tokens are one raster grid
     generator: torch.Generator | None = None
+    tower_attention: Tensor | None = None  # [H, N, N] the select layer's softmax map: prefix tokens, then these n
 
 
 class ConnectorMethod(CountedMethod):
@@ -451,6 +452,7 @@ class ConnectorMethod(CountedMethod):
     whole, items, example_ratio = "image", "visual tokens", 0.25
     needs_cls: ClassVar[bool] = False  # reads the tower's [CLS] attention (FasterVLM, VisionZip)
     needs_grid: ClassVar[bool] = False  # reads the raster grid (pooling)
+    needs_attention_map: ClassVar[bool] = False  # reads the select layer's whole attention map (VFlowOpt)
     renumber: bool = False
 
     def plan(self, ctx: VisualContext) -> "Reduction":  # noqa: F821

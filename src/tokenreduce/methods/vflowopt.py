@@ -30,21 +30,14 @@ lowers that total by one or leaves it, so this count exists whenever the cells o
 ``k``. When they number more — ``a`` too small for the budget — the reference's count is used and the recycled
 tokens with the least summed importance are dropped until ``k`` remain.)
 
-What the connector stage can compute today. `core.method.VisualContext` carries, of the tower's select layer,
-the [CLS] row of the attention and the keys — not the whole attention map (and no queries to rebuild it) nor
-the image's pixels. Steps 2-4 need the whole map, and the entropy term needs the pixels. So:
-
-* with a ``tower_attention`` on the context ([H, N, N], the select layer's softmax map over all its tokens, the
-  image's n visual tokens last and in feature order), steps 1-4 run as above. The runtime does not set it yet;
-  the connector's select-layer listener, which has Q and K, could (`scoring.attention.full_attention`);
-* without it (the runtime as it is), the importance is the [CLS] row averaged over heads, i.e. the [CLS] token
-  is taken to be the only global token: ``t`` has no effect, and the method needs a tower with a [CLS] token
-  (CLIP, DINOv2; the reference's SigLIP has none). ``scored_with`` says which of the two the last plan used.
-  On the mini-LLaVA (DINOv2-S, block -2) this is exact for most ``t``: its [CLS] token receives 34-40 times the
-  mean attention and the next token 2-4 times, so for ``t`` from about 4 to 34 it is the only global token
-  (measured on calibration images);
-* ``alpha`` must be 0 (the entropy term needs the raw image, which the connector never sees). `importance`
-  and `patch_entropy` implement the term for callers that have the map and the pixels.
+What the connector stage computes. The connector hands the method the tower select layer's whole softmax
+map (``needs_attention_map``: `core.method.VisualContext.tower_attention`, [H, N, N], from the layer's own Q and
+K in its routed attention call), so steps 1-4 run as above. ``scored_with`` says what the last plan used: "global
+tokens" (the map), or "[CLS] row" for a caller that builds a context without the map (then the [CLS] token is
+taken to be the only global token and ``t`` has no effect; on the mini-LLaVA, DINOv2-S at block -2, this is
+the same for ``t`` from about 4 to 34: its [CLS] token receives 34-40 times the mean attention and the next
+token 2-4 times, measured on calibration images). ``alpha`` must be 0: the entropy term needs the raw image,
+which the connector never sees; `importance` and `patch_entropy` implement the term for callers that have it.
 
 Differences from the reference code (sihany077/VFlowOpt at 129eeef: ``siglip_encoder.py``
 ``SigLipEncoderLayer.forward`` and ``SigLipVisionEmbeddings.forward``; ``llava_qwen_training_free.py``
@@ -58,8 +51,7 @@ Differences from the reference code (sihany077/VFlowOpt at 129eeef: ``siglip_enc
   only the language model's own signals (`core.method.LayerContext` carries no connector-side score of the
   tokens it holds), so the drops cannot rank by the tower's map. Only the tower stage is implemented, and
   ``keep_ratio`` is the fraction of visual tokens kept in every layer.
-* The importance map: without the runtime change above, the [CLS] row stands for the global tokens' rows (see
-  "What the connector stage can compute today"); ``alpha != 0`` is refused.
+* The importance map: ``alpha != 0`` is refused (no pixels at the connector).
 * When no token receives more than ``t`` times the mean (the reference then averages an empty set: NaN scores),
   the single most-attended token is the global set.
 * The budget is exact (``k`` tokens per image, recycled ones included), as described above; the reference's
@@ -240,7 +232,7 @@ def _check_params(p: Mapping[str, Any], where: str) -> dict[str, Any]:
                     why="global tokens receive more than t times the mean attention")
     a = check_float(where, "a", p.get("a"), min=1.0, optional=True, why="the side of the recycling cells, in tokens")
     alpha = p.get("alpha")
-    alpha = 0.0 if alpha is None else check_float(where, "alpha", alpha, why="the weight of the entropy term")
+    alpha = 0.0 if alpha is None else check_float(where, "alpha", alpha, min=0.0, why="the weight of the entropy term")
     return {"t": t, "a": a, "alpha": alpha}
 
 
@@ -252,6 +244,7 @@ class VFlowOpt(ConnectorMethod):
              "(Yang et al., ICCV 2025)")
     arxiv = "2508.05211"
     needs_cls = True
+    needs_attention_map = True
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, t: float | None = None,
                  a: float | None = None, alpha: float | None = None, params_file: str | None = None,

@@ -45,7 +45,7 @@ from ..core.undo import Undo
 from ..families.decoders import DecoderFamily, decoder_info
 from ..families.encoders import find_encoders
 from ..families.vlms import VLMParts
-from ..scoring.attention import cls_attention
+from ..scoring.attention import cls_attention, full_attention
 from .prefill_filter import decoder_layer_flops
 from .prompt_rewrite import continue_prompt, stand_for_prompt
 from .routing import call_arguments, route
@@ -140,6 +140,7 @@ class ConnectorAttachment:
         self._flagged: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
         self._sig = inspect.signature(backbone.forward)
         self._tower: dict | None = None
+        self._tower_maps: Tensor | None = None
         self._pending: dict | None = None
         self._tower_slots: list[Tensor] | None = None
         self.rewritten: dict | None = None  # the last rewrite's rows, for an in-LLM stage after this one
@@ -222,6 +223,8 @@ class ConnectorAttachment:
         if index == self._tower_block and self.method.needs_cls:
             scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
             self._tower = {"cls": cls_attention(query, key, attention_mask, scale), "keys": key}
+            if self.method.needs_attention_map:
+                self._tower["map"] = full_attention(query.float(), key.float(), attention_mask, scale)
         return proceed(query, key, value, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ hooks
@@ -297,6 +300,11 @@ class ConnectorAttachment:
                 if tower is not None:
                     cls, keys = tower[image]
                     ctx.cls_attention, ctx.tower_keys = cls[:, order.to(cls.device)], keys[:, order.to(keys.device)]
+                    if self._tower_maps is not None:  # the prefix tokens, then this image's tokens in feature order
+                        m = self._tower_maps[image]
+                        idx = torch.cat([torch.arange(m.shape[-1] - cls.shape[-1]), m.shape[-1] - cls.shape[-1]
+                                         + order]).to(m.device)
+                        ctx.tower_attention = m[:, idx][:, :, idx]
                 image += 1
                 red = self.method.plan(ctx)
                 planning += self.method.scoring_flops(n, ctx)
@@ -333,6 +341,7 @@ class ConnectorAttachment:
             raise NeverFiredError(f"{self.method.name}: the prompt has visual tokens but the tower's select layer did not "
                                   "run in this forward; pass pixel_values with the image tokens")
         cls, keys = self._tower["cls"], self._tower["keys"]  # [I, H, N+1], [I, H_kv, N+1, D]
+        self._tower_maps = self._tower.get("map")  # [I, H, N+1, N+1] when the method reads the whole map
         self._tower = None  # used once
         first = 0 if self.strategy == "full" else 1
         sizes = [e - s for r in runs for s, e in r]

@@ -27,8 +27,8 @@ Ours (`vflowopt_search`, `LastTokenEvaluator`, `run_vflowopt_search`), and why i
   upper bound of ``a`` to the grid's side, beyond which every token is in one cell). The keep ratios are not
   searched: only the tower stage is implemented (no language-model drops, see the method's docstring), so the
   budget is the caller's ``keep_ratio``. ``alpha`` stays 0: the connector stage does not see the pixels its
-  entropy term needs. ``t`` is dropped from the space when the model's connector gives only the [CLS] row (it
-  then has no effect: the probe in `run_vflowopt_search` checks this), so the search tunes ``a`` alone;
+  entropy term needs. ``t`` is dropped from the space if a connector gives only the [CLS] row (it then has no
+  effect: the probe in `run_vflowopt_search` checks this; the runtime's connector gives the whole map);
 * optimiser: Optuna (as `search.schedules`), ``GPSampler`` (Gaussian-process Bayesian optimisation) or ``"tpe"``,
   seeded, ``startup`` random trials first (Optuna's default 10, the reference's 27 of 300), ``trials`` in all
   (30 by default: the mini-LLaVA's search fits in minutes on a CPU);
