@@ -18,7 +18,9 @@ How the mini-LLaVA sees it (``large_scene_prompt``, forms measured by ``tools/la
 
 - ``"multi"``: the coarse view (the canvas squashed to one image) then the G*G tiles, 1 + G*G images;
 - ``"tiles"``: the G*G tiles only; ``"coarse"``: the coarse view only;
-- ``"answer_tile"``: only the answer tile (an oracle: the easy-vqa question on its own image).
+- ``"answer_tile"``: only the answer tile (an oracle: the easy-vqa question on its own image);
+- ``"focus"``: the coarse view then the answer tile, what a coarse-to-fine method that picks the right tile
+  hands the language model (an oracle of region selection).
 
 Each image is ``processor.num_image_tokens`` visual tokens (144 for the mini-LLaVA), so ``"multi"`` is
 720 visual tokens at G = 2 and 1,440 at G = 3.
@@ -33,7 +35,7 @@ from .vqa import _SPLIT_SEED, _check_split, _easyvqa_kind, _easyvqa_module
 
 TILE = 224
 GRIDS = (2, 3)
-FORMS = ("multi", "tiles", "coarse", "answer_tile")
+FORMS = ("multi", "tiles", "coarse", "answer_tile", "focus")
 BACKGROUNDS = ("plain", "texture")
 
 
@@ -75,7 +77,8 @@ def large_scene_samples(
         tile = rng.randrange(g * g)
         with Image.open(paths[ids[i]]) as im:
             obj = im.convert("RGB")
-        canvas = _canvas(obj, g, tile, background, rng)
+        texture = random.Random(f"large_scene/texture/{split}/{seed}/{k}")  # the same questions and tiles either way
+        canvas = _canvas(obj, g, tile, background, texture)
         row, col = divmod(tile, g)
         out.append({
             "image": canvas,
@@ -141,6 +144,8 @@ def form_images(sample: dict[str, Any], form: str = "multi") -> list:
         return [sample["image"]]
     if form == "answer_tile":
         return [tiles(sample)[sample["tile"]]]
+    if form == "focus":
+        return [sample["image"], tiles(sample)[sample["tile"]]]
     raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
 
 
@@ -173,11 +178,11 @@ def large_scene_prompt(processor, samples: Sequence[dict[str, Any]], form: str =
 def _prompt_text(sample: dict[str, Any], form: str, labels: bool, image_token: str) -> str:
     g = sample["grid"]
     names: list[str] = []
-    if form in ("multi", "coarse"):
+    if form in ("multi", "coarse", "focus"):
         names.append("Overview:")
     if form in ("multi", "tiles"):
         names += [f"Tile {k + 1} (row {k // g + 1}, column {k % g + 1}):" for k in range(g * g)]
-    if form == "answer_tile":
-        names.append("Tile:")
+    if form in ("answer_tile", "focus"):
+        names.append(f"Tile {sample['tile'] + 1} (row {sample['tile'] // g + 1}, column {sample['tile'] % g + 1}):")
     lines = [f"{name} {image_token}" if labels else image_token for name in names]
     return "\n".join(lines) + "\n" + sample["question"]
