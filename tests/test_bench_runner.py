@@ -184,3 +184,29 @@ def test_a_budget_a_method_cannot_reach_on_the_model_skips_that_cell_only():
     assert [(c.method, c.budget) for c in kept.cells] == [("pyramiddrop", 0.8), ("fastv", 0.8)]
     assert [(s["method"], s["keep_ratio"]) for s in kept.skipped] == [("pyramiddrop", 0.2), ("fastv", 0.2)]
     assert all("keep_ratio=0.2" in s["reason"] for s in kept.skipped)
+
+
+def test_a_pipeline_cell_composes_a_connector_method_before_an_in_llm_method_at_its_own_schedule():
+    """``visionzip+fastv @ b``: FastV at its native schedule (mean kept m over the layers), VisionZip keeping b / m
+    of each image, so that the language model keeps b of the image's visual tokens on average; a budget above what
+    the in-LLM schedule keeps is skipped with its reason, and a pipeline written the wrong way round is refused."""
+    from tiny_vlm import tiny_vlm
+
+    from tokenreduce.bench.vlm import check_methods, pipeline_cells
+    from tokenreduce.families.decoders import decoder_info, find_decoder
+
+    model = tiny_vlm("llava")
+    fastv = tokenreduce.get_method("fastv")
+    later = fastv.mean_kept(fastv.schedule(decoder_info(*find_decoder(model), ())), model.config.text_config
+                            .num_hidden_layers)
+    grid = pipeline_cells(model, ["visionzip+fastv"], [0.5, 0.99], log=lambda _: None)
+    assert [(c.method, c.budget) for c in grid.cells] == [("visionzip+fastv", 0.5)]
+    first, second = grid.cells[0].obj
+    assert first.name == "visionzip" and second.name == "fastv" and first.budget.ratio == pytest.approx(0.5 / later)
+    assert grid.skipped[0]["keep_ratio"] == 0.99 and "own schedule keeps" in grid.skipped[0]["reason"]
+    assert check_methods(["visionzip+fastv", "fastv"]) == ["visionzip+fastv", "fastv"]
+    for bad in ["fastv+visionzip", "visionzip+fastv+fastv", "visionzip+tome"]:
+        with pytest.raises(tokenreduce.StageError, match="write connector\\+in_llm"):
+            check_methods([bad])
+    with tokenreduce.apply(model, first, second):  # they compose
+        pass

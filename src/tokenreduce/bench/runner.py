@@ -147,6 +147,11 @@ def build_grid(names: Sequence[str], budgets: Sequence[float], skip_calibrated: 
     return Grid(cells, skipped)
 
 
+def as_methods(obj) -> tuple:
+    """A cell's methods: one method, or a tuple of methods composed across stages (a pipeline)."""
+    return obj if isinstance(obj, tuple) else (obj,)
+
+
 def check_attachable(model, grid: Grid, log: Callable[[str], None] = print) -> Grid:
     """Attach each method once (no forward): an unsupported model fails now, a method that refuses it is skipped."""
     import tokenreduce
@@ -157,7 +162,7 @@ def check_attachable(model, grid: Grid, log: Callable[[str], None] = print) -> G
         if cell.method in refused:
             continue
         try:
-            with tokenreduce.apply(model, cell.obj):
+            with tokenreduce.apply(model, *as_methods(cell.obj)):
                 pass
         except UnsupportedModelError:
             raise

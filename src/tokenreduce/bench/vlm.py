@@ -25,11 +25,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..core.errors import StageError
+from ..core.errors import BudgetError, StageError
 from ..core.stats import vit_attention_flops, vit_mlp_flops
 from ..runtime.prefill_filter import decoder_layer_flops
 from .report import Column
 from .runner import (
+    as_methods,
     FULL,
     Cell,
     Grid,
@@ -107,11 +108,12 @@ def prefill(model, inputs, method=None):
     with torch.no_grad():
         if method is None:
             return model(**inputs, logits_to_keep=1)
-        with tokenreduce.apply(model, method):
+        with tokenreduce.apply(model, *as_methods(method)):
             return model(**inputs, logits_to_keep=1)
 
 
 def check_methods(names: Sequence[str]) -> list[str]:
+    """The listed methods, checked; ``a+b`` is a pipeline: connector method ``a``, then in-LLM method ``b``."""
     from ..core.registry import list_methods
 
     stages = {i.name: i.stage for i in list_methods()}
@@ -119,7 +121,13 @@ def check_methods(names: Sequence[str]) -> list[str]:
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise StageError(f"no methods given; known visual-token methods: {known}")
-    for n in names:
+    for pipe in (n for n in names if "+" in n):
+        parts = pipe.split("+")
+        if len(parts) != 2 or stages.get(parts[0]) != "connector" or parts[1] not in in_llm_method_names():
+            raise StageError(f"pipeline {pipe!r}: write connector+in_llm, e.g. visionzip+visiondrop (connector "
+                             f"methods: {', '.join(n for n in vlm_method_names() if stages[n] == 'connector')}; "
+                             f"in-LLM: {', '.join(in_llm_method_names())})")
+    for n in (n for n in names if "+" not in n):
         if n in (FULL, FULL_NAME, BLIND):
             raise StageError("the full model and the blind (image removed) rows are always measured; list methods only")
         if n not in stages:
@@ -191,7 +199,7 @@ class _VLMTask(Task):
                 cache = getattr(output, "past_key_values", None)
                 seen["kv_bytes"] = sum(kv_bytes(layer) for layer in cache.layers) // len(batch) if cache else 0
                 if handle is not None:
-                    seen["stats"] = next(iter(handle.stats_by_stage.values()))
+                    seen["stats"] = dict(handle.stats_by_stage)
 
         handle = None
         with torch.no_grad():
@@ -202,7 +210,7 @@ class _VLMTask(Task):
                 finally:
                     hook.remove()
             else:
-                with tokenreduce.apply(self.model, cell.obj) as handle:
+                with tokenreduce.apply(self.model, *as_methods(cell.obj)) as handle:
                     hook = self.model.register_forward_hook(after_prefill, with_kwargs=True)
                     try:
                         out = self._generate(inputs)
@@ -222,7 +230,10 @@ class _VLMTask(Task):
         return self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
 
     @staticmethod
-    def _prefill_fields(s) -> dict:
+    def _prefill_fields(stages: dict) -> dict:
+        """The prefill's fields from its stages' stats; a pipeline (connector then in-LLM method): the in-LLM stage's
+        tokens, plus the connector's planning FLOPs and its count of the prompt's visual tokens."""
+        s = stages.get("decoder") or next(iter(stages.values()))
         out = {"lm_flops": s.flops, "lm_flops_full": s.flops_full, "scoring_flops": s.scoring_flops,
                "kept_positions": getattr(s, "kept_positions", None), "visual_tokens": s.visual_tokens}
         if hasattr(s, "visual_tokens_per_layer"):
@@ -230,6 +241,12 @@ class _VLMTask(Task):
             out["visual_kept"] = s.kept_visual_fraction * s.visual_tokens
         else:
             out["visual_kept"] = s.kept_visual_tokens
+        first = stages.get("connector")
+        if first is not None and s is not first:
+            out["lm_flops"] += first.flops
+            out["lm_flops_full"] = first.flops_full
+            out["scoring_flops"] += first.scoring_flops
+            out["visual_tokens"] = first.visual_tokens
         return out
 
     def _keep_picture(self, cell: Cell, batch, inputs, prefill) -> None:
@@ -274,7 +291,7 @@ class _VLMTask(Task):
                 layers = len(runs[0]["visual_per_layer"])
                 row["visual_per_layer"] = [sum(r["visual_per_layer"][i] * r["n"] for r in runs) / n
                                            for i in range(layers)]
-            row["params"] = cell.obj.describe()
+            row["params"] = " + ".join(m.describe() for m in as_methods(cell.obj))
         row["flops"] = row["tower_flops"] + row["projector_flops"] + row["lm_flops"]
         row["flops_full"] = self.tower + self.projector + lm_full
         row["flops_ratio"] = row["flops"] / row["flops_full"]
@@ -305,7 +322,7 @@ class _VLMTask(Task):
         steps = 8
 
         def rate(method) -> float:
-            with torch.no_grad(), (tokenreduce.apply(self.model, method) if method is not None
+            with torch.no_grad(), (tokenreduce.apply(self.model, *as_methods(method)) if method is not None
                                    else contextlib.nullcontext()):
                 cache = DynamicCache(config=self.model.config.text_config)
                 out = self.model(**batch, past_key_values=cache, logits_to_keep=1)
@@ -410,6 +427,31 @@ def draw_kept(pictures: dict[str, list], out: Path, num_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------------------- entry point
+def pipeline_cells(model, pipes: Sequence[str], budgets: Sequence[float], log: Callable[[str], None]) -> Grid:
+    """Cells of ``connector+in_llm`` pipelines: the in-LLM method at its native schedule, the connector's keep_ratio
+    set so that the visual tokens the language model keeps, averaged over its layers, are ``budget`` of the image's."""
+    import tokenreduce
+    from ..families.decoders import decoder_info, find_decoder
+
+    fam, backbone = find_decoder(model)
+    info = decoder_info(fam, backbone, ())
+    cells, skipped = [], []
+    for pipe in pipes:
+        first, second = pipe.split("+")
+        inner = tokenreduce.get_method(second)
+        later = inner.mean_kept(inner.schedule(info), info.num_layers)
+        for b in budgets:
+            try:
+                if b / later > 1:
+                    raise BudgetError(f"{second}'s own schedule keeps {later:.3f} on average, above {b}")
+                cells.append(Cell(pipe, b, (tokenreduce.get_method(first, keep_ratio=b / later),
+                                            tokenreduce.get_method(second))))
+            except BudgetError as e:
+                skipped.append({"method": pipe, "keep_ratio": b, "reason": f"no keep_ratio budget: {e}"})
+                log(f"skipping {pipe} @ {b:g}: {e}")
+    return Grid(cells, skipped)
+
+
 def schedule_cells(model, names: Sequence[str], cfg: VLMBenchConfig) -> list[Cell]:
     """One cell per listed in-LLM method running ``cfg.schedule`` (checked against the model's layers); its budget
     column is the schedule's mean kept fraction (``keep_ratio``'s meaning)."""
@@ -437,11 +479,15 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
         check_schedule_methods(names)
     if cfg.model != "minillava":
         raise StageError(f"unknown VLM {cfg.model!r}; the bundled one is 'minillava'")
-    grid = build_grid(names, budgets, skip_bad_budgets=True, log=log)
+    pipes = [n for n in names if "+" in n]
+    grid = build_grid([n for n in names if "+" not in n], budgets, skip_bad_budgets=True, log=log)
     if model is None:
         from ..assets.minillava import load_vlm
 
         model, processor = load_vlm(cfg.model)
+    if pipes:
+        more = pipeline_cells(model, pipes, budgets, log)
+        grid = Grid(grid.cells + more.cells, grid.skipped + more.skipped)
     if cfg.schedule is not None:
         grid = Grid(grid.cells + schedule_cells(model, names, cfg), grid.skipped)
     grid = check_attachable(model, grid, log=log)
