@@ -297,5 +297,7 @@ def test_vlm_accuracy_by_question_kind_is_reported(tmp_path):
     assert by_kind == {"color": 0.5, "shape": 0.0, "side": 1.0}
     row = {"task": "scenes", "method": "full", "budget": None, "accuracy": 0.5, "n": 4, "accuracy_by_kind": by_kind,
            "flops_ratio": 1.0, "visual_kept_ratio": 1.0}
-    md = write_vlm_report([row], tmp_path)["markdown"].read_text()
+    reduced = {**row, "method": "fastv", "budget": 0.25, "flops_ratio": 0.4, "scoring_share": 0.0123}
+    md = write_vlm_report([row, reduced], tmp_path)["markdown"].read_text()
     assert "color 0.50 · shape 0.00 · side 1.00" in md
+    assert "scoring share of FLOPs" in md and "0.012 |" in md

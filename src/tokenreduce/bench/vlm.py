@@ -295,6 +295,8 @@ class _VLMTask(Task):
         row["flops"] = row["tower_flops"] + row["projector_flops"] + row["lm_flops"]
         row["flops_full"] = self.tower + self.projector + lm_full
         row["flops_ratio"] = row["flops"] / row["flops_full"]
+        if "scoring_flops" in row:  # the method's own work (scores, plans) as a share of its reduced prefill
+            row["scoring_share"] = row["scoring_flops"] / row["flops"]
         row["lm_flops_ratio"] = row["lm_flops"] / lm_full
         row["visual_kept_ratio"] = row["visual_kept"] / visual if visual else None
         if self.cfg.timing and not cell.full:
@@ -370,7 +372,8 @@ def vlm_columns(rows: Sequence[dict]) -> list[Column]:
             Column("tower_flops", "tower GFLOPs", lambda v: f"{v / 1e9:.3f}"),
             Column("projector_flops", "projector GFLOPs", lambda v: f"{v / 1e9:.3f}"),
             Column("lm_flops", "LM prefill GFLOPs", lambda v: f"{v / 1e9:.3f}"),
-            Column("flops_ratio", "FLOPs ratio", ".3f")]
+            Column("flops_ratio", "FLOPs ratio", ".3f"),
+            Column("scoring_share", "scoring share of FLOPs", ".3f")]
     if any("time_ratio" in r for r in rows):
         cols += [SpreadColumn("time_ratio", "prefill time ratio", ".3f"), Column("decode_ratio", "decode tok/s ratio",
                                                                                  ".2f"),
@@ -388,7 +391,8 @@ def write_vlm_report(rows: Sequence[dict], out: str | Path, skipped: Sequence[di
     notes = [f"Task: {rows[0]['task']} (held-out questions, n = {rows[0]['n']}); mini-LLaVA "
              "(DINOv2-S/14 + SmolLM2-135M, 144 visual tokens); greedy answers scored by their first word.",
              "keep_ratio: the fraction of visual tokens kept (in-LLM methods: averaged over the language model's "
-             "layers). FLOPs: analytic, per sample, scoring included; the blind row has no image.",
+             "layers). FLOPs: analytic, per sample, scoring included; the blind row has no image. Scoring share: the "
+             "method's own work (scores, plans) as a fraction of its reduced prefill's FLOPs.",
              environment_note(rows[0])]
     if any("time_ratio" in r for r in rows):
         notes.append(spread_note("prefill time ratio", "batches"))
