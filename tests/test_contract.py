@@ -233,6 +233,7 @@ CONTRACT: dict[str, Row] = {
     "llavolta": Row(vlm("llava"), dict(layer=1), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM),
     "visiondrop": Row(vlm("llava"), dict(layers=[1, 2]), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
                       variants={"previous": dict(params=dict(scores_from="previous"))}),
+    "flowcut_llm": Row(vlm("llava"), dict(layer=1), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM),
     "sparsevlm": Row(vlm("llava"), dict(layers=[1, 2]), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
                      variants={"v2": dict(params=dict(version="v2"))}),
 }

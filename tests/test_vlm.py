@@ -259,7 +259,9 @@ def family_methods(name: str):
     own = "previous" if mrope else "own"
     return [("visual_random", {}), ("fastv", dict(k=1)), ("pyramiddrop", dict(layers=[1, 2], scores_from=own)),
             ("llavolta", dict(layer=1)), ("visiondrop", dict(layers=[1, 2], scores_from=own)),
-            ("sparsevlm", dict(layers=[1, 2])), ("sparsevlm", dict(layers=[1, 2], version="v2"))]
+            ("coarse_to_fine", dict(k=1, grid=1, scores_from=own)),
+            ("sparsevlm", dict(layers=[1, 2])), ("sparsevlm", dict(layers=[1, 2], version="v2")),
+            ("flowcut_llm", dict(layer=1))]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

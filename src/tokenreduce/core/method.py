@@ -482,6 +482,7 @@ class LayerContext:
     visual_inputs: Tensor  # [N, D] the input embeddings of every visual token the sample's prompt had
     keys: Tensor | None  # [H_kv, n, Dh] the post-RoPE keys the attention rows were computed from
     rotary: tuple  # (cos, sin) [..., n, Dh]: the rotary embeddings of the rows' positions
+    values: Tensor | None = None  # [H_kv, n, Dh] the value vectors, when the method asks (``needs_values``)
 
 
 class LayerDropMethod(Method):
@@ -508,6 +509,7 @@ class LayerDropMethod(Method):
     stage = "decoder"
     scores_from: ClassVar[str] = "previous"
     attention_rows: ClassVar[str] = "last"  # "last" (the last prompt token's row), "all", or "none"
+    needs_values: ClassVar[bool] = False  # hand the drop layer's value vectors to `plan` (LayerContext.values)
 
     def __init__(self, keep_ratio: float | None = None, schedule=None):
         super().__init__(keep_ratio)

@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     fastervlm,
     fastv,
     flowcut,
+    flowcut_llm,
     gemfilter,
     h2o,
     keyformer,

@@ -89,6 +89,7 @@ class _Run:
     visual0: Tensor | None = None  # [B, N] bool: the prompt's visual tokens
     scores: Tensor | None = None  # [B, H, r, L] softmax attention rows (r = 1: the last query's), for the next drop
     keys: Tensor | None = None  # [B, H_kv, L, Dh] the post-RoPE keys the rows came from
+    values: Tensor | None = None  # [B, H_kv, L, Dh] the same layer's values (methods that ask: ``needs_values``)
     tokens_per_layer: list[float] = field(default_factory=list)
     visual_per_layer: list[float] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
@@ -355,6 +356,8 @@ class InLLMAttachment:
         q, k = rotate(q, cos[:, n - r:], sin[:, n - r:]), rotate(k, cos, sin)
         logits = row_logits(q, k, layer_mask(run.valid, r), getattr(attn, "scaling", None), 0, r, n)
         run.keys = k
+        if self.method.needs_values:
+            run.values = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
         return logits.softmax(-1)  # [B, H, r, L]
 
     def _drop(self, i: int, hidden: Tensor, run: _Run) -> Tensor:
@@ -381,7 +384,8 @@ class InLLMAttachment:
             plan = self.method.plan(LayerContext(
                 layer=i, hidden=hidden[s, present], visual=visual, attention=attention, budget=int(budgets[s]),
                 inputs=run.inputs[s, run.index[s, present]], visual_inputs=run.inputs[s, run.visual0[s]], rotary=(_row(cos, s, present), _row(sin, s, present)),
-                keys=None if run.keys is None else run.keys[s][:, present]))
+                keys=None if run.keys is None else run.keys[s][:, present],
+                values=None if run.values is None else run.values[s][:, present]))
             vrows = present[visual]
             anchors = self._check_plan(plan, vrows.numel(), i)
             order = anchors.argsort()
@@ -402,7 +406,7 @@ class InLLMAttachment:
         run.mask = self._prefill_mask(run.mask, idx, run.valid, hidden.dtype)
         run.kept_at[i] = [[int(p) for p in row if p >= 0] for row in run.index.tolist()]
         run.dropped = True
-        run.scores = run.keys = None
+        run.scores = run.keys = run.values = None
         out = _take(hidden, idx, 2)
         out = out * (idx >= 0)[..., None].to(out.dtype)
         for s, m in enumerate(merged):
@@ -450,6 +454,7 @@ class InLLMAttachment:
                     mask = layer_mask(run.valid, q)
                 logits = row_logits(query, key, mask, kwargs.get("scaling"), lo, q, key.shape[-2])
                 run.scores, run.keys = logits.softmax(-1), key  # [B, H, r, L]
+                run.values = value if self.method.needs_values else None
             return proceed(query, key, value, attention_mask, **kwargs)
         cache = self._cache  # the attention function does not receive the cache: the backbone hook keeps it
         layer = None
