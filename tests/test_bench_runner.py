@@ -210,3 +210,11 @@ def test_a_pipeline_cell_composes_a_connector_method_before_an_in_llm_method_at_
             check_methods([bad])
     with tokenreduce.apply(model, first, second):  # they compose
         pass
+
+
+def test_schedule_runs_refuse_a_method_that_ranks_no_tokens():
+    from tokenreduce.bench.vlm import check_schedule_methods, schedule_method_names
+
+    assert "fastv" in schedule_method_names() and "yopo" not in schedule_method_names()
+    with pytest.raises(tokenreduce.StageError, match="yopo cannot run a per-layer schedule"):
+        check_schedule_methods(["fastv", "yopo"])

@@ -231,12 +231,34 @@ CONTRACT: dict[str, Row] = {
     "pyramiddrop": Row(vlm("llava"), dict(layers=[1, 2]), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
                        variants={"previous": dict(params=dict(scores_from="previous"))}),
     "llavolta": Row(vlm("llava"), dict(layer=1), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM),
+    # coarse_to_fine: the contract's prompts hold one image; grid=1 reads its 16 tokens as a coarse view + one tile of 8
+    "coarse_to_fine": Row(vlm("llava"), dict(k=1, grid=1), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
+                          variants={"previous": dict(params=dict(scores_from="previous"))}),
     "visiondrop": Row(vlm("llava"), dict(layers=[1, 2]), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
                       variants={"previous": dict(params=dict(scores_from="previous"))}),
     "flowcut_llm": Row(vlm("llava"), dict(layer=1), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM),
     "sparsevlm": Row(vlm("llava"), dict(layers=[1, 2]), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
                      variants={"v2": dict(params=dict(version="v2"))}),
+    # yopo: keep_ratio = K / L, K = round(keep_ratio L); 0.67 of 3 layers is K = 2 (every visual token deleted there)
+    "yopo": Row(vlm("llava"), {}, keep_ratio=0.67, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
+                variants={"k1": dict(params=dict(), keep_ratio=0.34),
+                          "all_parts": dict(params=dict(parts=("skip", "heads", "neighbour"),
+                                                        heads=[[0, 1, 2, 3], [1], [0, 2]]))}),
 }
+
+
+
+def calibrate_dymu_vlm(method, model) -> None:
+    """DyMU's tower thresholds on a VLM: three left-padded batches of image prompts (VLM inputs)."""
+    tr.calibrate(method, model, [vlm_batch(model, "llava", VLM_TEXTS, seed=s) for s in range(20, 23)])
+
+
+CONTRACT["dymu_vtu"] = Row(
+    vlm("llava"), {}, keep_ratio=0.6, setup=calibrate_dymu_vlm, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
+    budget_tol=0.1,
+    budget_why="the whole DyMU pipeline: its keep_ratio is DToMe's, met on average over the calibration prompts (dymu.py "
+               "docstring), not per image; the tiny tower merges in one block (its select layer is block 1), where one "
+               "merge moves the visual fraction by 1/16")
 
 # Contracts the current code does not keep: (test, case id) -> precise reason. Each is a strict xfail: once the
 # code is fixed the case XPASSes and fails, and its entry must go.
@@ -534,7 +556,7 @@ def test_restored_exactly_after_an_exception(cid):
             finally:
                 hook.remove()
             again = run()
-            assert reduced(h.stats), "the reducing configuration reduced nothing"
+            assert reduced_visual(h) if c.row.vlm else reduced(h.stats), "the reducing configuration reduced nothing"
             raise Boom()
         assert again.keys() == ref_reduced.keys()
         for k in ref_reduced:
@@ -780,8 +802,13 @@ def _vlm_batch(c: Case, model) -> None:
         assert torch.equal(out[i], s), f"sample {i}: {out[i].tolist()} vs alone {s.tolist()}"
 
 
+def visual_stats(h):
+    """The first stage's stats that count visual tokens (a tower stage before it counts none)."""
+    return next(s for s in h.stats_by_stage.values() if hasattr(s, "visual_tokens"))
+
+
 def reduced_visual(h) -> bool:
-    s = next(iter(h.stats_by_stage.values()))
+    s = visual_stats(h)
     if hasattr(s, "kept_visual_tokens"):
         return s.kept_visual_tokens < s.visual_tokens
     return s.kept_visual_fraction < 1.0
@@ -796,7 +823,7 @@ def _vlm_budget(c: Case) -> None:
     batch = vlm_batch(model, c.row.vlm, VLM_TEXTS)
     with torch.no_grad(), tr.apply(model, c.method(model)) as h:
         model(**batch)
-        s = next(iter(h.stats_by_stage.values()))
+        s = h.stats_by_stage[c.stage]  # the method's own stage (a pipeline's tower stage comes first)
     n = s.visual_tokens
     assert n == 16
     if c.stage == "connector":
@@ -805,4 +832,5 @@ def _vlm_budget(c: Case) -> None:
             (s.kept_visual_tokens, want)
         assert s.kept_visual_tokens >= want / 2
         return
-    assert abs(s.kept_visual_fraction - r) <= 1.0 / n, (s.visual_tokens_per_layer, r)  # floor: under a token
+    tol = max(1.0 / n, c.row.budget_tol)  # floor: under a token (a row may document more: c.row.budget_why)
+    assert abs(s.kept_visual_fraction - r) <= tol, (getattr(s, "visual_tokens_per_layer", None), r, c.row.budget_why)

@@ -261,7 +261,7 @@ def family_methods(name: str):
             ("llavolta", dict(layer=1)), ("visiondrop", dict(layers=[1, 2], scores_from=own)),
             ("coarse_to_fine", dict(k=1, grid=1, scores_from=own)),
             ("sparsevlm", dict(layers=[1, 2])), ("sparsevlm", dict(layers=[1, 2], version="v2")),
-            ("flowcut_llm", dict(layer=1))]
+            ("flowcut_llm", dict(layer=1)), ("yopo", {})]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

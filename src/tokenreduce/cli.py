@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = bsub.add_parser("vlm", help="mini-LLaVA VQA: accuracy, visual tokens, FLOPs by stage, prefill time",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--model", default="minillava", help="the bundled VLM")
-    s.add_argument("--task", default="scenes", choices=("easyvqa", "scenes"), help="held-out questions of this task")
+    s.add_argument("--task", default="scenes", choices=("easyvqa", "scenes", "largescene"),
+                   help="held-out questions of this task (largescene: a coarse view then G x G tiles)")
     s.add_argument("--methods", type=_comma_names, default=None,
                    help="comma-separated connector / in-LLM methods (default: fastervlm, visionzip, visual_random, "
                         "visual_pool, fastv, pyramiddrop; with --schedule: the in-LLM methods)")
@@ -269,7 +270,7 @@ def _bench_kv(args, parser) -> int:
 
 def _bench_vlm(args, parser) -> int:
     from .bench.runner import check_keep_ratios
-    from .bench.vlm import VLMBenchConfig, check_methods, check_schedule_methods, in_llm_method_names, run_vlm_bench
+    from .bench.vlm import VLMBenchConfig, check_methods, check_schedule_methods, run_vlm_bench, schedule_method_names
     from .core.errors import TokenReduceError
     from .core.schedule import load
 
@@ -277,7 +278,7 @@ def _bench_vlm(args, parser) -> int:
     try:  # usage errors first, before anything slow
         names = args.methods
         if names is None:
-            names = (in_llm_method_names() if args.schedule is not None else
+            names = (schedule_method_names() if args.schedule is not None else
                      ["fastervlm", "visionzip", "visual_random", "visual_pool", "fastv", "pyramiddrop"])
         methods = check_methods(names)
         budgets = check_keep_ratios(args.budgets, "budget", "the fraction of visual tokens kept", "--budgets 0.5,0.25")

@@ -1,10 +1,14 @@
 """``tokenreduce bench vlm``: visual-token methods on the mini-LLaVA, side by side with the full model.
 
-For one task (``easyvqa`` or ``scenes``, `assets.vqa`, held-out split) and every (method,
+For one task (``easyvqa`` or ``scenes``, `assets.vqa`, or ``largescene``, `assets.large_scene`: the
+coarse view then the G x G tiles of a big canvas, form "multi"; held-out split) and every (method,
 budget) cell — connector methods (FasterVLM, VisionZip, random, pooling) and in-LLM methods
 (FastV, PyramidDrop) — the same questions are answered by greedy ``generate`` (batches of
 left-padded prompts) and scored by their first word. Every table has the full model's row
-(``method: "full"``) and the blind row (``"blind"``: the same questions without the image).
+(``method: "full"``) and the blind row (``"blind"``: the same questions without the image);
+``largescene`` adds the oracle row ``"focus (oracle)"``: the full model on the coarse view and the
+answer tile only, and for a method that records the tiles it chose (``coarse_to_fine``), how often
+its first tile is the answer tile (``tile_accuracy``) and how often the answer tile is among them.
 
 Columns: accuracy; visual tokens the language model processed (per layer for in-LLM methods,
 their mean over layers — ``keep_ratio``'s meaning); analytic FLOPs per sample by stage (tower,
@@ -50,7 +54,16 @@ from .runner import (
 
 BLIND = "blind"
 FULL_NAME = "full"
+FOCUS = "focus (oracle)"  # largescene: the full model on the coarse view + the answer tile
+LARGE_SCENE = "largescene"
 NEW_TOKENS = 3
+
+
+def vlm_tasks() -> tuple[str, ...]:
+    """The tasks of ``bench vlm``: `assets.vqa`'s and the large-scene task."""
+    from ..assets.vqa import TASKS
+
+    return (*TASKS, LARGE_SCENE)
 
 
 @dataclass
@@ -85,9 +98,20 @@ def vlm_method_names() -> list[str]:
     return [i.name for i in list_methods() if i.stage == "connector"] + in_llm_method_names()
 
 
+def schedule_method_names() -> list[str]:
+    """The in-LLM methods that run any per-layer schedule (``--schedule``, `tokenreduce.search`)."""
+    from ..core.registry import registered
+
+    return [n for n in in_llm_method_names() if registered()[n].runs_schedules]
+
+
 def check_schedule_methods(names: Sequence[str]) -> list[str]:
     """``--schedule`` runs in-LLM methods only: a `StageError` naming any other listed method."""
-    in_llm = in_llm_method_names()
+    in_llm = schedule_method_names()
+    fixed = [n for n in names if n in in_llm_method_names() and n not in in_llm]
+    if fixed:
+        raise StageError(f"--schedule: {', '.join(fixed)} cannot run a per-layer schedule (no ranking of visual "
+                         f"tokens); in-LLM methods that can: {', '.join(in_llm)}")
     other = [n for n in names if n not in in_llm]
     if other:
         raise StageError(f"--schedule gives a per-layer schedule to in-LLM methods ({', '.join(in_llm)}); "
@@ -158,19 +182,40 @@ class _VLMTask(Task):
     def __init__(self, cfg: VLMBenchConfig, model, processor, samples: list[dict], log: Callable[[str], None]):
         self.cfg, self.model, self.processor, self.samples, self.log = cfg, model, processor, samples, log
         self.batches = [samples[i:i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
-        self.inputs = [processor(images=[s["image"] for s in b], text=[s["question"] for s in b]) for b in self.batches]
+        self.large = cfg.task == LARGE_SCENE
+        self.inputs = [self._prompt(b) for b in self.batches]
         self.blind_inputs = [processor(text=[s["question"] for s in b]) for b in self.batches]
         self.visual = processor.num_image_tokens
         self.tower, self.projector = tower_flops(model, self.visual)
+        if self.large:  # several images per prompt: visual tokens and tower FLOPs per sample (means)
+            per_image = self.visual
+            self.focus_inputs = [self._prompt(b, "focus") for b in self.batches]
+            self.visual = self._mean_visual(self.inputs)
+            self.tower, self.projector = (f * self.visual / per_image for f in (self.tower, self.projector))
+            self.focus_visual = self._mean_visual(self.focus_inputs)
         self.pictures: dict[str, list] = {}
         self.skipped: list[dict] = []
-        self.timing_inputs = processor(images=[s["image"] for s in self.batches[0][:cfg.timing_batch]],
-                                       text=[s["question"] for s in self.batches[0][:cfg.timing_batch]])
+        self.timing_inputs = self._prompt(self.batches[0][:cfg.timing_batch])
         self.timing_blind = processor(text=[s["question"] for s in self.batches[0][:cfg.timing_batch]])
         if cfg.timing:
             self.timer = PairedTimer(lambda: self._prefill(self.timing_inputs, None),
                                      items=self.timing_inputs["input_ids"].shape[0], repeats=cfg.timing_repeats,
                                      unit="sample")
+
+    def _prompt(self, batch, form: str = "multi"):
+        """The model inputs of a batch of samples (largescene: the ``form`` of `large_scene_prompt`)."""
+        if self.large:
+            from ..assets.large_scene import large_scene_prompt
+
+            return large_scene_prompt(self.processor, batch, form)
+        return self.processor(images=[s["image"] for s in batch], text=[s["question"] for s in batch])
+
+    def _mean_visual(self, inputs: list) -> float:
+        """Visual tokens per sample, averaged over every batch of ``inputs``."""
+        from ..assets.minillava import IMAGE_TOKEN_ID
+
+        counts = torch.cat([(x["input_ids"] == IMAGE_TOKEN_ID).sum(-1) for x in inputs])
+        return float(counts.float().mean())
 
     def _prefill(self, inputs, method):
         return prefill(self.model, inputs, method)
@@ -181,14 +226,18 @@ class _VLMTask(Task):
     def forward(self, cell: Cell):
         if cell.method == BLIND:
             return lambda: self._prefill(self.timing_blind, None)
+        if cell.method == FOCUS:
+            focus = self._prompt(self.batches[0][:self.cfg.timing_batch], "focus")
+            return lambda: self._prefill(focus, None)
         return lambda: self._prefill(self.timing_inputs, cell.obj)
 
     def run(self, group, unit: Unit, cell: Cell) -> dict:
         import tokenreduce
         from ..assets.vqa import is_correct
 
-        blind = cell.method == BLIND
-        inputs = (self.blind_inputs if blind else self.inputs)[unit.data]
+        blind = cell.method in (BLIND, FOCUS)  # no method attached
+        inputs = (self.blind_inputs if cell.method == BLIND else self.focus_inputs if cell.method == FOCUS
+                  else self.inputs)[unit.data]
         batch = self.batches[unit.data]
         seen: dict = {}
 
@@ -210,6 +259,9 @@ class _VLMTask(Task):
                 finally:
                     hook.remove()
             else:
+                choosers = [m for m in as_methods(cell.obj) if isinstance(getattr(m, "choices", None), list)]
+                for m in choosers:  # methods that record the tiles they chose, one entry per sample
+                    m.choices.clear()
                 with tokenreduce.apply(self.model, *as_methods(cell.obj)) as handle:
                     hook = self.model.register_forward_hook(after_prefill, with_kwargs=True)
                     try:
@@ -220,9 +272,15 @@ class _VLMTask(Task):
         run = {"correct": [is_correct(s, t) for s, t in zip(batch, texts)], "kinds": [s["kind"] for s in batch],
                "n": len(batch),
                "kv_bytes": seen.get("kv_bytes", 0)}
+        if not (cell.full or blind) and self.large and choosers:
+            picked = [c["tiles"] for c in choosers[0].choices]
+            if len(picked) == len(batch):
+                run["tile_first"] = [bool(t) and t[0] == s["tile"] for s, t in zip(batch, picked)]
+                run["tile_among"] = [s["tile"] in t for s, t in zip(batch, picked)]
+                run["tiles_chosen"] = [len(t) for t in picked]
         if "stats" in seen:
             run.update(self._prefill_fields(seen["stats"]))
-            if unit.data == 0:
+            if unit.data == 0 and not self.large:  # pictures of one image per prompt
                 self._keep_picture(cell, batch, inputs, run)
         return run
 
@@ -271,7 +329,7 @@ class _VLMTask(Task):
         acc = sum(sum(r["correct"]) for r in runs) / n
         method = FULL_NAME if cell.full else cell.method
         row: dict[str, Any] = {"task": self.cfg.task, "method": method, "budget": None if cell.full or
-                               cell.method == BLIND else cell.budget, "accuracy": acc, "n": n,
+                               cell.method in (BLIND, FOCUS) else cell.budget, "accuracy": acc, "n": n,
                                "accuracy_by_kind": accuracy_by_kind(runs),
                                "kv_bytes_per_sample": sum(r["kv_bytes"] * r["n"] for r in runs) / n}
         visual = self.visual
@@ -282,6 +340,11 @@ class _VLMTask(Task):
         elif cell.method == BLIND:
             row.update(visual_tokens=0, visual_kept=0, tower_flops=0.0, projector_flops=0.0,
                        lm_flops=self._lm_flops(self.blind_inputs[0]))
+        elif cell.method == FOCUS:
+            scale = self.focus_visual / visual
+            row.update(visual_tokens=self.focus_visual, visual_kept=self.focus_visual,
+                       tower_flops=self.tower * scale, projector_flops=self.projector * scale,
+                       lm_flops=sum(self._lm_flops(x) for x in self.focus_inputs) / len(self.focus_inputs))
         else:
             mean = lambda k: sum(r[k] * r["n"] for r in runs) / n  # noqa: E731
             row.update(visual_tokens=mean("visual_tokens"), visual_kept=mean("visual_kept"),
@@ -292,6 +355,10 @@ class _VLMTask(Task):
                 row["visual_per_layer"] = [sum(r["visual_per_layer"][i] * r["n"] for r in runs) / n
                                            for i in range(layers)]
             row["params"] = " + ".join(m.describe() for m in as_methods(cell.obj))
+            if "tile_first" in runs[0]:
+                row["tile_accuracy"] = sum(sum(r["tile_first"]) for r in runs) / n
+                row["tile_recall"] = sum(sum(r["tile_among"]) for r in runs) / n
+                row["tiles_chosen"] = sum(sum(r["tiles_chosen"]) for r in runs) / n
         row["flops"] = row["tower_flops"] + row["projector_flops"] + row["lm_flops"]
         row["flops_full"] = self.tower + self.projector + lm_full
         row["flops_ratio"] = row["flops"] / row["flops_full"]
@@ -304,6 +371,8 @@ class _VLMTask(Task):
         return row
 
     def _lm_full_flops(self) -> float:
+        if self.large:  # prompts of 5 or 10 images: every batch
+            return sum(self._lm_flops(x) for x in self.inputs) / len(self.inputs)
         return self._lm_flops(self.inputs[0])
 
     def _lm_flops(self, inputs) -> float:
@@ -321,6 +390,8 @@ class _VLMTask(Task):
         from transformers import DynamicCache
 
         batch = self.timing_blind if cell.method == BLIND else self.timing_inputs
+        if cell.method == FOCUS:
+            batch = self._prompt(self.batches[0][:self.cfg.timing_batch], "focus")
         steps = 8
 
         def rate(method) -> float:
@@ -337,7 +408,7 @@ class _VLMTask(Task):
                     token = out.logits[:, -1].argmax(-1, keepdim=True)
                 return steps * token.shape[0] / (time.perf_counter() - t0)
 
-        obj = None if cell.method == BLIND else cell.obj
+        obj = None if cell.method in (BLIND, FOCUS) else cell.obj
         full, mine = rate(None), rate(obj)
         return {"decode_tok_s": mine, "decode_tok_s_full": full, "decode_ratio": mine / full}
 
@@ -374,6 +445,9 @@ def vlm_columns(rows: Sequence[dict]) -> list[Column]:
             Column("lm_flops", "LM prefill GFLOPs", lambda v: f"{v / 1e9:.3f}"),
             Column("flops_ratio", "FLOPs ratio", ".3f"),
             Column("scoring_share", "scoring share of FLOPs", ".3f")]
+    if any("tile_accuracy" in r for r in rows):
+        cols += [Column("tile_accuracy", "first tile = answer tile", ".3f"),
+                 Column("tile_recall", "answer tile chosen", ".3f"), Column("tiles_chosen", "tiles chosen", ".2f")]
     if any("time_ratio" in r for r in rows):
         cols += [SpreadColumn("time_ratio", "prefill time ratio", ".3f"), Column("decode_ratio", "decode tok/s ratio",
                                                                                  ".2f"),
@@ -386,10 +460,12 @@ def write_vlm_report(rows: Sequence[dict], out: str | Path, skipped: Sequence[di
     from .plot import Panel, pareto_plot
 
     out = Path(out)
-    order = {FULL_NAME: 0, BLIND: 1}
+    order = {FULL_NAME: 0, BLIND: 1, FOCUS: 1}
     rows = sorted(rows, key=lambda r: (order.get(r["method"], 2), r["method"], -(r.get("budget") or 0)))
     notes = [f"Task: {rows[0]['task']} (held-out questions, n = {rows[0]['n']}); mini-LLaVA "
-             "(DINOv2-S/14 + SmolLM2-135M, 144 visual tokens); greedy answers scored by their first word.",
+             "(DINOv2-S/14 + SmolLM2-135M, 144 visual tokens per image); greedy answers scored by their first word."
+             + (" largescene: the coarse view then the G x G tiles (G = 2 or 3), 720 or 1,440 visual tokens; "
+                f"'{FOCUS}': the coarse view and the answer tile only." if rows[0]["task"] == LARGE_SCENE else ""),
              "keep_ratio: the fraction of visual tokens kept (in-LLM methods: averaged over the language model's "
              "layers). FLOPs: analytic, per sample, scoring included; the blind row has no image. Scoring share: the "
              "method's own work (scores, plans) as a fraction of its reduced prefill's FLOPs.",
@@ -399,7 +475,7 @@ def write_vlm_report(rows: Sequence[dict], out: str | Path, skipped: Sequence[di
     notes += [f"not run: {s['method']}" + (f" @ {s['keep_ratio']:g}" if "keep_ratio" in s else "") + f" — {s['reason']}"
               for s in skipped]
     md = write_markdown_report(out / "results.md", "bench vlm", notes, [(None, rows, vlm_columns(rows))])
-    plot = pareto_plot([r for r in rows if r["method"] != BLIND], out / "pareto.png", y="accuracy",
+    plot = pareto_plot([r for r in rows if r["method"] not in (BLIND, FOCUS)], out / "pareto.png", y="accuracy",
                        panels=[Panel("flops_ratio", "FLOPs ratio (analytic)"),
                                Panel("visual_kept_ratio", "visual tokens kept (fraction)")]
                        + ([Panel("time_ratio", "prefill time ratio (measured)")] if any("time_ratio" in r for r in rows)
@@ -471,12 +547,12 @@ def schedule_cells(model, names: Sequence[str], cfg: VLMBenchConfig) -> list[Cel
 
 def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None, log: Callable[[str], None] = print,
                   progress: bool = True) -> list[dict]:
-    from ..assets.vqa import TASKS, samples
+    from ..assets.vqa import samples
 
     cfg = cfg or VLMBenchConfig()
     t_start = time.perf_counter()
-    if cfg.task not in TASKS:
-        raise StageError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    if cfg.task not in vlm_tasks():
+        raise StageError(f"unknown task {cfg.task!r}; choose one of {', '.join(vlm_tasks())}")
     names = check_methods(cfg.methods)
     budgets = check_keep_ratios(cfg.budgets, "budget", "the fraction of visual tokens kept", "--budgets 0.5,0.25")
     if cfg.schedule is not None:
@@ -495,8 +571,14 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
     if cfg.schedule is not None:
         grid = Grid(grid.cells + schedule_cells(model, names, cfg), grid.skipped)
     grid = check_attachable(model, grid, log=log)
-    grid = Grid(grid.cells + [Cell(BLIND, 0.0, BLIND)], grid.skipped)
-    data = samples(cfg.task, "test", cfg.n, cfg.seed)
+    grid = Grid(grid.cells + [Cell(BLIND, 0.0, BLIND)] + ([Cell(FOCUS, 0.0, FOCUS)] if cfg.task == LARGE_SCENE
+                                                           else []), grid.skipped)
+    if cfg.task == LARGE_SCENE:
+        from ..assets.large_scene import large_scene_samples
+
+        data = large_scene_samples("test", cfg.n, cfg.seed)
+    else:
+        data = samples(cfg.task, "test", cfg.n, cfg.seed)
     task = _VLMTask(cfg, model, processor, data, log)
     task.skipped = grid.skipped
     common = {"model": cfg.model, "task": cfg.task, **environment("cpu", model)}

@@ -510,6 +510,7 @@ class LayerDropMethod(Method):
     scores_from: ClassVar[str] = "previous"
     attention_rows: ClassVar[str] = "last"  # "last" (the last prompt token's row), "all", or "none"
     needs_values: ClassVar[bool] = False  # hand the drop layer's value vectors to `plan` (LayerContext.values)
+    runs_schedules: ClassVar[bool] = True  # takes any per-layer ``schedule`` (False: YOPO, which ranks no tokens)
 
     def __init__(self, keep_ratio: float | None = None, schedule=None):
         super().__init__(keep_ratio)
@@ -575,3 +576,33 @@ class LayerDropMethod(Method):
         from .schedule import mean_kept
 
         return mean_kept(schedule, num_layers)
+
+    # attention edits on visual keys in the layers before the first drop (YOPO; `runtime.visual_heads`): they mask,
+    # they save no work
+    measures_visual_heads: bool = False  # while True: each layer's per-head share of the last prompt row's attention
+    # on visual keys reaches `observe_forward`'s stats (``visual_head_ratio``), e.g. during `tokenreduce.calibrate`
+
+    def visual_heads(self, layer: int, num_heads: int) -> Tensor | None:
+        """[num_heads] bool: the query heads of ``layer`` that keep attending to visual keys; in the others the softmax
+        weights on visual keys are set to 0 (not renormalised), prefill and decoding. None (default): all heads."""
+        return None
+
+    def visual_window(self) -> int | None:
+        """An odd window ``w``: in the prefill a visual query sees, of the visual keys, only its image's within
+        ``w x w`` grid cells (and earlier, causal). None (default): no edit."""
+        return None
+
+
+# ---------------------------------------------------------------------------- decoder stage (virtual unmerging)
+class UnmergeMethod(Method):
+    """A decoder-stage method that runs the language model's attention on merged visual tokens *unmerged*
+    (DyMU's VTU): every row the connector hands over stands for the prompt positions its tokens came from; the
+    attention sees one copy per position (at that position's RoPE) and each row takes the mean of its copies'
+    outputs, while every linear layer and MLP runs on the merged rows (`runtime.unmerge`).
+
+    ``tower``: an encoder method the method brings along (the whole pipeline in one method; attached in the
+    vision tower by `apply`), or None: it unmerges what the tower methods of the same `apply` merged.
+    """
+
+    stage = "decoder"
+    tower: "EncoderMethod | None" = None

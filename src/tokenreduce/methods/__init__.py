@@ -3,7 +3,9 @@
 from . import (  # noqa: F401
     a2ats,
     baselines,
+    coarse_to_fine,
     dymu,
+    dymu_vtu,
     evit,
     fastervlm,
     fastv,
@@ -30,4 +32,5 @@ from . import (  # noqa: F401
     visiondrop,
     visionzip,
     visual_baselines,
+    yopo,
 )

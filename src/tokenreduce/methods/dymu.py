@@ -8,7 +8,7 @@ head-averaged keys) and merge every edge whose similarity exceeds the block's th
 so the count varies per image. The thresholds are calibrated once on a set of images: run
 the model with a per-block ToMe schedule ``r_l`` where each batch merges its ``r_l * B``
 best edges *pooled over the batch*, and take the mean over batches of the best edge that
-was not merged. Only DToMe is implemented here; virtual unmerging (VTU) is out of scope.
+was not merged. Virtual unmerging (VTU) in the language model: `methods.dymu_vtu`.
 
 Follows the reference code (MikeWangWZHL/dymu ``src/open_clip/tome.py``): same split and
 protection, same pooled calibration (``tau = max(score[r*B], 0)``, strict ``>`` at

@@ -27,6 +27,7 @@ from ..core.method import (
     Method,
     PrefillFilterMethod,
     RetrievalMethod,
+    UnmergeMethod,
 )
 from ..core.registry import STAGES
 from ..core.stats import Stats, combine
@@ -67,6 +68,11 @@ class Handle:
         from ..families.encoders import find_encoders
         from ..families.vlms import find_vlm
 
+        for m in by_stage.get("decoder", []):  # a pipeline method (dymu_vtu) brings its own tower method
+            if isinstance(m, UnmergeMethod) and m.tower is not None:
+                if any(t is m.tower for t in by_stage.get("encoder", [])):
+                    raise StageError(f"{m.tower!r} is {m!r}'s own tower method; pass {m.name} alone")
+                by_stage.setdefault("encoder", []).append(m.tower)
         if by_stage.get("encoder"):
             from .encoder import EncoderAttachment
 
@@ -106,7 +112,16 @@ class Handle:
             self._stages["connector"] = ConnectorAttachment(model, parts, family, backbone, method, vlm_tower)
         if by_stage.get("decoder"):  # before the kv stage: its backbone hook rewrites the prompt the kv stage sees
             method = by_stage["decoder"][0]
-            if isinstance(method, LayerDropMethod):
+            if isinstance(method, UnmergeMethod):
+                from ..families.vlms import require_vlm
+                from .unmerge import UnmergeAttachment
+
+                if by_stage.get("kv-cache"):
+                    raise StageError(f"{method!r} keeps the whole prompt's cache as the reference does; composing it "
+                                     f"with {by_stage['kv-cache'][0]!r} is not supported yet")
+                self._stages["decoder"] = UnmergeAttachment(model, require_vlm(model, method.name), family, backbone,
+                                                            method, after=self._stages.get("connector"))
+            elif isinstance(method, LayerDropMethod):
                 from ..families.vlms import require_vlm
                 from .in_llm import InLLMAttachment
 
@@ -263,7 +278,8 @@ def _group(methods: list[Method]) -> dict[str, list[Method]]:
     by_stage: dict[str, list[Method]] = {}
     for m in methods:
         by_stage.setdefault(m.stage, []).append(m)
-    ready = {"encoder": EncoderMethod, "connector": ConnectorMethod, "decoder": (PrefillFilterMethod, LayerDropMethod),
+    ready = {"encoder": EncoderMethod, "connector": ConnectorMethod,
+             "decoder": (PrefillFilterMethod, LayerDropMethod, UnmergeMethod),
              "kv-cache": KVMethod}
     unknown = [s for s in by_stage if s not in ready]
     if unknown:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import CalibrationError, StageError
-from ..core.method import EncoderMethod, Method, RetrievalMethod
+from ..core.method import EncoderMethod, LayerDropMethod, Method, RetrievalMethod, UnmergeMethod
 from .attach import apply
 from .kv_retrieval import capture
 
@@ -31,6 +31,15 @@ def calibrate(method: Method, model: nn.Module, data, **options) -> Method:
         raise StageError(f"{method!r} needs no calibration")
     if isinstance(method, RetrievalMethod):
         return _calibrate_retrieval(method, model, data, **options)
+    if isinstance(method, UnmergeMethod) and method.tower is not None:  # a pipeline method: its tower's thresholds
+        if options:
+            raise StageError(f"calibrating {method.name} takes no options; got {sorted(options)}")
+        _calibrate_encoder(method.tower, model, data)
+        return method
+    if isinstance(method, LayerDropMethod):  # an in-LLM method (YOPO's visual heads): batches of VLM inputs
+        if options:
+            raise StageError(f"calibrating {method.name} takes no options; got {sorted(options)}")
+        return _calibrate_encoder(method, model, _input_dicts(data, method.name))
     if isinstance(method, EncoderMethod):
         if options:
             raise StageError(f"calibrating {method.name} takes no options; got {sorted(options)}")
@@ -53,11 +62,21 @@ def _calibrate_encoder(method: EncoderMethod, model: nn.Module, batches) -> Enco
                         batch = batch.to(device=param.device, dtype=param.dtype)
                     model(pixel_values=batch)
                     items = batch.shape[0]
-                method.observe_forward(handle.stats, items)
+                # the tower stage's own stats (inside a VLM the connector and language model run too)
+                method.observe_forward(handle.stats_by_stage.get("encoder", handle.stats), items)
         completed = True
     finally:
         method.end_calibration(completed)
     return method
+
+
+def _input_dicts(batches, who: str):
+    """Each batch as the dict of model inputs it must be (a VLM's ids, mask, pixels), else a clear error."""
+    for batch in batches:
+        if not isinstance(batch, dict):
+            raise StageError(f"calibrating {who} runs a VLM: give batches as dicts of model inputs (input_ids, "
+                             f"attention_mask, pixel_values, ...); got {type(batch).__name__}")
+        yield batch
 
 
 def _calibrate_retrieval(method: RetrievalMethod, model: nn.Module, data, *, chunk_size: int = 2048,

@@ -107,6 +107,29 @@ def select_block(config, num_blocks: int) -> int:
     return block
 
 
+def _patch_groups(source: Reduction | None, image: int, first: int, n: int, anchors: Tensor) -> Tensor | None:
+    """For each of an image's ``n`` patches, the patch whose slot holds the feature it was merged into (the feature's
+    earliest patch; -1: dropped), from the tower's source map; None for a dense map."""
+    if source is None or source.dest is None:
+        return None
+    d = source.dest[image, first:first + n] - first  # the output feature each patch went to
+    ok = (d >= 0) & (d < anchors.numel())
+    return torch.where(ok, anchors.gather(0, d.clamp(0, max(anchors.numel() - 1, 0))), -1).cpu()
+
+
+def _origin(dest: Tensor, unmerged: list) -> Tensor:
+    """[B, L]: the rewritten row each prompt position's token ended up in (-1: padding or dropped). Text and kept
+    tokens: their own row; a patch a tower merge took away: the row of the feature it was merged into."""
+    origin = dest.clone()
+    for s_i, start, groups in unmerged:
+        if groups is None:
+            continue
+        n = groups.numel()
+        at = torch.where(groups >= 0, dest[s_i, start + groups.clamp_min(0)], -1)
+        origin[s_i, start:start + n] = at
+    return origin
+
+
 class _KeepAll(ConnectorMethod):
     """The connector's own pass when only the tower reduced: keep every visual token that reached the prompt."""
 
@@ -145,6 +168,8 @@ class ConnectorAttachment:
         self._tower_slots: list[Tensor] | None = None
         self.rewritten: dict | None = None  # the last rewrite's rows, for an in-LLM stage after this one
         self.lm_counted_later = False  # an in-LLM stage follows: it counts the language model's FLOPs and layers
+        self.keeps_whole_cache = False  # set per prefill by a stage that fills the cache at the prompt's full length
+        self._tower_groups: list[Tensor | None] | None = None
         try:
             if method.needs_cls or tower is not None:
                 self._route_tower(parts)
@@ -191,7 +216,7 @@ class ConnectorAttachment:
             tokens = self.encoder.tokens
             anchors = tokens.source.anchors()  # [I, M] input token each output token starts at
             n = tokens.source.num_in - first
-            feats, slots = [], []
+            feats, slots, groups = [], [], []
             for i, f in enumerate(out.pooler_output):
                 a = anchors[i, first:first + f.shape[0]] - first
                 if tokens.valid is not None:
@@ -200,8 +225,10 @@ class ConnectorAttachment:
                 full[a[a >= 0]] = f[a >= 0]
                 feats.append(full)
                 slots.append(a)
+                groups.append(_patch_groups(tokens.source, i, first, n, a))
             out.pooler_output = feats
             self._tower_slots = slots
+            self._tower_groups = groups
             return out
 
         self._undo.set_instance_attr(inner, "get_image_features", get_image_features)
@@ -273,6 +300,8 @@ class ConnectorAttachment:
         runs = visual_runs(visual)
         tower = self._tower_rows(runs)
         slots_by_image, self._tower_slots = self._tower_slots, None
+        groups_by_image, self._tower_groups = self._tower_groups, None
+        unmerged = []  # (sample, run start, each patch's group anchor): where a tower merge put every patch
         seed = getattr(self.method, "seed", None)
         dest = torch.full((b, length), -1, dtype=torch.long)
         coef = torch.zeros(b, length, dtype=torch.float32)
@@ -305,6 +334,8 @@ class ConnectorAttachment:
                         idx = torch.cat([torch.arange(m.shape[-1] - cls.shape[-1]), m.shape[-1] - cls.shape[-1]
                                          + order]).to(m.device)
                         ctx.tower_attention = m[:, idx][:, :, idx]
+                if groups_by_image is not None:
+                    unmerged.append((s_i, s, groups_by_image[image]))
                 image += 1
                 red = self.method.plan(ctx)
                 planning += self.method.scoring_flops(n, ctx)
@@ -330,6 +361,7 @@ class ConnectorAttachment:
         width = max(counts)
         for s_i, count in enumerate(counts):  # left padding
             dest[s_i] = torch.where(dest[s_i] >= 0, dest[s_i] + width - count, -1)
+        self._origin = _origin(dest, unmerged)
         dev = embeds.device
         return Reduction(num_out=width, dest=dest.to(dev), coef=coef.to(dev)), [planning / max(b, 1)]
 
@@ -392,7 +424,10 @@ class ConnectorAttachment:
         out["past_key_values"] = cache
         kept = torch.where(slot, anchors, -1)
         self._pending = {"cache": cache if use_cache else None, "kept": kept, "length": length}
-        self.rewritten = {"visual": visual.gather(1, idx) & slot, "kept": kept}
+        self.rewritten = {"visual": visual.gather(1, idx) & slot, "kept": kept,
+                          # for a stage that unmerges (VTU): each prompt position's row (-1: padding or dropped), the
+                          # caller's positions and padding
+                          "origin": self._origin.to(dev), "positions": pos, "valid": self._valid.to(dev)}
         self._record(ids, visual, slot, red, planning, kept)
         return out
 
@@ -437,7 +472,8 @@ class ConnectorAttachment:
             layer.masked_by = None
         self._flagged = weakref.WeakSet()
         p, self._pending = self._pending, None
-        if p is None or p["cache"] is None:
+        whole, self.keeps_whole_cache = self.keeps_whole_cache, False
+        if p is None or p["cache"] is None or whole:  # whole: the cache already holds every prompt position
             return output
         s = self.stats
         for i, layer, new in stand_for_prompt(p["cache"], p["kept"], p["length"], self.info.num_kv_heads, self):

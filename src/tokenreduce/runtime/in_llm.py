@@ -22,6 +22,11 @@ at its earliest source's place and position:
 The language model's output covers the kept tokens only (``logits`` has the pruned length; the
 last position is still the prompt's last token, which ``generate`` reads). Samples of a batch
 keep their own counts and are left-padded. Models with sliding-window layers are refused.
+
+A schedule fraction of exactly 0 deletes every visual token from that layer on (YOPO's layer skipping;
+the method is not asked to plan). A method may also edit attention on visual keys in the layers before
+its first drop (inactive visual heads, neighbour windows; `runtime.visual_heads`), with or without a
+drop.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from ..scoring.rope import rotate
 from .kv_cache import mark_uniform
 from .prefill_filter import decoder_layer_flops
 from .routing import call_arguments, check_implementation, route
+from .visual_heads import VisualAttentionEdits
 from .vlm_inputs import VisualInputs
 
 
@@ -59,6 +65,10 @@ class InLLMStats(Stats):
     prompt_tokens: float = 0.0
     no_visual_forwards: int = 0  # prompts without a visual token (text only): passed unchanged
     kept_positions: dict = field(default_factory=dict)  # drop layer -> per sample, prompt positions kept from it on
+    # attention edits on visual keys (`runtime.visual_heads`): masked only, so these FLOPs are *not* saved here, and
+    # while the method measures, layer -> [B, H] the last prompt row's visual / other attention mass per head
+    masked_attention_flops: float = 0.0
+    visual_head_ratio: dict = field(default_factory=dict)
 
     @property
     def kept_visual_fraction(self) -> float:
@@ -128,12 +138,13 @@ def schedule_prefill_flops(schedule, method: LayerDropMethod, info, mlp_size: in
     """Analytic ``(flops, flops_full)`` of the language model's prefill of one prompt of ``length`` tokens, ``visual``
     of them visual, under ``schedule`` ([(layer, fraction)]) and ``method``'s scoring: counted as `InLLMAttachment`
     counts a forward (each layer on its width, the scoring at each drop over the previous layer's width; kept
-    counts ``floor(fraction * visual)``, at least 1). ``flops_full``: every layer on the whole prompt."""
+    counts ``floor(fraction * visual)``, at least 1; a fraction of exactly 0 keeps none). ``flops_full``: every layer on
+    the whole prompt."""
     drops = dict(schedule)
     widths, kept = [], visual
     for i in range(info.num_layers):
         if i in drops:
-            kept = kept_count(visual, drops[i])
+            kept = 0 if drops[i] == 0 else kept_count(visual, drops[i])  # 0: every visual token deleted (YOPO)
         widths.append(length - visual + kept)
     flops = sum(decoder_layer_flops(w, info, mlp_size) for w in widths)
     flops += sum(method.scoring_flops(widths[k - 1], info) for k in drops)
@@ -180,6 +191,7 @@ class InLLMAttachment:
         self._sig = inspect.signature(backbone.forward)
         self._undo = Undo()
         self.after = after
+        self.edits: VisualAttentionEdits | None = None
         self._prompt_kept: Tensor | None = None
         try:
             self._attach()
@@ -188,7 +200,7 @@ class InLLMAttachment:
             raise
 
     def _attach(self) -> None:
-        first = self.schedule[0][0]
+        first = self.schedule[0][0] if self.schedule else len(self.layers)  # no drop: attention edits alone (YOPO)
         for i, attn in enumerate(self.attns):
             if i >= first or (i + 1 in self.drops and self.method.scores_from == "previous") or self.after:
                 route(attn, self, i, self._undo)  # after a connector: every layer's decoding mask
@@ -197,6 +209,7 @@ class InLLMAttachment:
                 self._undo.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True).remove)
         if self.parts.family.deepstack and hasattr(self.backbone, "_deepstack_process"):
             self._wrap_deepstack()
+        self._attach_edits(first)
         self.inputs = VisualInputs(self.parts, self._undo)
         # the end hook runs before a connector's: this stage's pruned layers first, then the connector makes every
         # layer stand for the whole prompt
@@ -205,6 +218,28 @@ class InLLMAttachment:
         if self.after is not None:
             self.after.lm_counted_later = True
             self._undo.append(lambda: setattr(self.after, "lm_counted_later", False))
+
+    def _attach_edits(self, first: int) -> None:
+        """The method's attention edits on visual keys in the layers before the first drop, if it names any."""
+        m, nh = self.method, self.info.num_heads
+        heads = {i: h.to(torch.bool) for i in range(first) if (h := m.visual_heads(i, nh)) is not None}
+        for i, h in heads.items():
+            if h.shape != (nh,):
+                raise StageError(f"{m.name}: visual_heads({i}) has shape {tuple(h.shape)}; expected ({nh},)")
+        heads = {i: h for i, h in heads.items() if not bool(h.all())}
+        window, measure = m.visual_window(), m.measures_visual_heads
+        self.edits = None
+        if m.reduces_nothing or not (heads or window is not None or measure):
+            if not self.schedule and not m.reduces_nothing:
+                raise StageError(f"{m!r} drops no visual token and edits no attention: nothing to do")
+            return
+        if self.after is not None:
+            raise StageError(f"{m.name}: attention edits on visual keys cannot follow a connector or tower reduction "
+                             "yet (the rewritten prompt's visual rows are not tracked while decoding)")
+        self.edits = VisualAttentionEdits(m, heads, window, measure, list(range(first)), nh, self.info.head_dim,
+                                          self.impl)
+        for i in range(first):
+            route(self.attns[i], self.edits, i, self._undo)
 
     def _wrap_deepstack(self) -> None:
         """Qwen3-VL adds early tower layers' features to the visual tokens after its first layers; once visual tokens
@@ -276,6 +311,8 @@ class InLLMAttachment:
             visual = self.parts.visual_mask(ids)
         past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if not bool(visual.any()):
+            if not past and self.edits is not None:
+                self.edits.prompt(None, None)
             if not past:  # a text-only prompt: nothing to drop (counted); decoding steps leave the stats alone
                 self.stats = InLLMStats(batch_size=ids.shape[0], no_visual_forwards=self.stats.no_visual_forwards + 1)
             return None
@@ -289,6 +326,8 @@ class InLLMAttachment:
         b, n = embeds.shape[:2]
         valid = self._padding if self._padding is not None else torch.ones(b, n, dtype=torch.bool, device=ids.device)
         visual = visual & valid
+        if self.edits is not None:
+            self.edits.prompt(visual, valid)
         pos = kw.get("position_ids")
         if pos is None:
             pos = torch.arange(n, device=ids.device)[None]
@@ -303,7 +342,11 @@ class InLLMAttachment:
     @staticmethod
     def _count(frac: float, counts: Tensor) -> Tensor:
         """Visual tokens each sample keeps: floor(frac * n), at least 1 (a text-only sample of the batch keeps 0);
-        the tensor form of `core.schedule.kept_count`, which the analytic counts use."""
+        the tensor form of `core.schedule.kept_count`, which the analytic counts use. A fraction of exactly 0 (a
+        method's native schedule only; saved schedules keep fractions in (0, 1]) keeps none: from that layer on the
+        visual tokens are deleted (YOPO's layer skipping)."""
+        if frac == 0:
+            return torch.zeros_like(counts)
         kept = torch.floor(counts.to(torch.float64) * frac + 1e-9).to(torch.long).clamp_min(1)
         return torch.minimum(kept, counts)
 
@@ -373,6 +416,13 @@ class InLLMAttachment:
             visual = run.visual[s, present]
             if not bool(visual.any()):
                 rows.append(present)
+                merged.append(None)
+                continue
+            if int(budgets[s]) == 0:  # every visual token deleted: no plan to ask for
+                if not bool((~visual).any()):
+                    raise StageError(f"{self.method.name}: at layer {i} a sample's prompt is all visual tokens; "
+                                     "deleting them leaves no token for the later layers (add text to the prompt)")
+                rows.append(present[~visual])
                 merged.append(None)
                 continue
             attention = None
@@ -479,11 +529,13 @@ class InLLMAttachment:
         run, self._run = self._run, None
         if run is None:
             return output
-        if not run.dropped:
+        if not run.dropped and self.schedule:
             raise NeverFiredError(f"{self.method.name}: the prompt had visual tokens but no drop layer ran; is the "
                                   "language model truncated (config.num_hidden_layers)?")
         s = InLLMStats(batch_size=run.index.shape[0], no_visual_forwards=self.stats.no_visual_forwards)
-        first = self.schedule[0][0]
+        first = self.schedule[0][0] if self.schedule else len(self.layers)
+        if self.edits is not None:
+            s.masked_attention_flops, s.visual_head_ratio = self.edits.masked_flops, dict(self.edits.ratios)
         valid0 = self._padding if self._padding is not None else None
         prompt = float(valid0.sum(-1).float().mean()) if valid0 is not None else float(run.length)
         vis0 = float(run.visual_counts.float().mean())

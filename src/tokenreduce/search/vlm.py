@@ -56,10 +56,10 @@ class SearchConfig:
 def check_config(cfg: SearchConfig) -> SearchConfig:
     """Usage errors (`StageError`, `BudgetError`, `MissingDependencyError`), before any model loads."""
     from ..assets.vqa import TASKS
-    from ..bench.vlm import in_llm_method_names
+    from ..bench.vlm import schedule_method_names
     from ..core.registry import list_methods
 
-    in_llm = in_llm_method_names()
+    in_llm = schedule_method_names()
     stages = {i.name: i.stage for i in list_methods()}
     if cfg.method not in stages:
         raise StageError(f"unknown method {cfg.method!r}; schedules are searched for in-LLM methods: "
