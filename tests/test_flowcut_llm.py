@@ -79,7 +79,7 @@ def test_budget_errors_say_what_to_do():
         tr.get_method("flowcut_llm")
     with pytest.raises(tr.BudgetError, match="give layer or schedule"):
         tr.get_method("flowcut_llm", schedule=[(2, 0.5)], layer=1)
-    with pytest.raises(tr.BudgetError, match="below what a cut at layer 2 of 3 can reach"):
+    with pytest.raises(tr.BudgetError, match="lowest reachable is 0.667: raise keep_ratio or lower layer"):
         tr.patch(tiny_vlm("llava"), tr.get_method("flowcut_llm", keep_ratio=0.5))
     with pytest.raises(tr.BudgetError, match="layer=3 is beyond"):
         tr.patch(tiny_vlm("llava"), tr.get_method("flowcut_llm", keep_ratio=0.9, layer=3))

@@ -60,6 +60,24 @@ def fit_schedule(make, target: float, num_layers: int, hi: float = 1.0) -> list[
     return make(hi)
 
 
+def one_drop(method: str, num_layers: int, k: int, keep_ratio: float | None = None, r: float | None = None,
+             k_name: str = "k") -> list[tuple[int, float]]:
+    """The schedule of a method that drops once, at layer ``k`` (FastV's shape): ``r`` of the visual tokens
+    dropped there, or the ``r`` that makes ``keep_ratio`` the mean kept over the layers,
+    ``r = (1 - keep_ratio) L / (L - k)``; `BudgetError` if ``k`` is beyond the layers or ``keep_ratio`` below
+    ``k / L``."""
+    n = num_layers
+    if k >= n:
+        raise BudgetError(f"{method}: {k_name}={k} is beyond this language model's {n} layers; use {k_name} <= {n - 1}")
+    if r is None:
+        r = (1.0 - keep_ratio) * n / (n - k)
+        if r >= 1.0:
+            raise BudgetError(f"{method}: keep_ratio={keep_ratio} needs dropping {r:.2f} of the visual tokens at layer "
+                              f"{k_name}={k} of {n}; the lowest reachable is {k / n:.3f}: raise keep_ratio or lower "
+                              f"{k_name}")
+    return [(k, 1.0 - r)]
+
+
 def kept_count(visual_tokens: int, fraction: float) -> int:
     """Visual tokens an image of ``visual_tokens`` keeps at ``fraction``: floor, at least 1 (the runtime's rule)."""
     return min(visual_tokens, max(1, math.floor(visual_tokens * fraction + 1e-9)))

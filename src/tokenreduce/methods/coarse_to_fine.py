@@ -83,6 +83,7 @@ from ..core.method import DecoderInfo, LayerContext, LayerDropMethod
 from ..core.params import check_choice, check_float, check_int
 from ..core.reduction import Reduction
 from ..core.registry import register
+from ..core.schedule import one_drop
 
 
 def visual_runs(visual: Tensor) -> list[int]:
@@ -157,17 +158,7 @@ class CoarseToFine(LayerDropMethod):
         return pairs
 
     def native_schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
-        n = info.num_layers
-        if self.k >= n:
-            raise BudgetError(f"{self.name}: k={self.k} is beyond this language model's {n} layers; use k <= {n - 1}")
-        if self.r is not None:
-            return [(self.k, 1.0 - self.r)]
-        r = (1.0 - self.budget.ratio) * n / (n - self.k)
-        if r >= 1.0:
-            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} needs dropping {r:.2f} of the visual "
-                              f"tokens at layer k={self.k} of {n}; the lowest reachable is {self.k / n:.3f}: raise "
-                              "keep_ratio or lower k")
-        return [(self.k, 1.0 - r)]
+        return one_drop(self.name, info.num_layers, self.k, None if self.budget is None else self.budget.ratio, self.r)
 
     # ------------------------------------------------------------------ layout
     def layout(self, visual: Tensor) -> tuple[int, list[int]]:

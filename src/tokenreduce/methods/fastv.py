@@ -34,6 +34,7 @@ from ..core.errors import BudgetError
 from ..core.method import DecoderInfo, LayerDropMethod
 from ..core.params import check_float, check_int
 from ..core.registry import register
+from ..core.schedule import one_drop
 
 
 @register
@@ -62,14 +63,4 @@ class FastV(LayerDropMethod):
         return f"keep_ratio={self.budget.ratio}, k={self.k}" if self.budget else f"k={self.k}, r={self.r}"
 
     def native_schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
-        n = info.num_layers
-        if self.k >= n:
-            raise BudgetError(f"{self.name}: k={self.k} is beyond this language model's {n} layers; use k <= {n - 1}")
-        if self.r is not None:
-            return [(self.k, 1.0 - self.r)]
-        r = (1.0 - self.budget.ratio) * n / (n - self.k)
-        if r >= 1.0:
-            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} needs dropping {r:.2f} of the visual "
-                              f"tokens at layer k={self.k} of {n}; the lowest reachable is {self.k / n:.3f}: raise "
-                              "keep_ratio or lower k")
-        return [(self.k, 1.0 - r)]
+        return one_drop(self.name, info.num_layers, self.k, None if self.budget is None else self.budget.ratio, self.r)

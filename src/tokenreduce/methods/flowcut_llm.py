@@ -50,6 +50,7 @@ from ..core.method import DecoderInfo, LayerContext, LayerDropMethod
 from ..core.params import check_int
 from ..core.reduction import Reduction
 from ..core.registry import register
+from ..core.schedule import one_drop
 
 LAYER = 2  # the first layer on the kept tokens: the reference scores in layer 1 and cuts its output
 
@@ -78,14 +79,7 @@ class FlowCutLLM(LayerDropMethod):
             raise BudgetError(f"{self.name}: give keep_ratio (e.g. 0.25) or schedule (e.g. [(2, 0.2)])")
 
     def native_schedule(self, info: DecoderInfo) -> list[tuple[int, float]]:
-        n, k = info.num_layers, self.layer
-        if k >= n:
-            raise BudgetError(f"{self.name}: layer={k} is beyond this language model's {n} layers; use layer <= {n - 1}")
-        keep = (self.budget.ratio * n - k) / (n - k)
-        if keep <= 0:
-            raise BudgetError(f"{self.name}: keep_ratio={self.budget.ratio} is below what a cut at layer {k} of {n} "
-                              f"can reach ({k / n:.3f}); raise keep_ratio or lower layer")
-        return [(k, keep)]
+        return one_drop(self.name, info.num_layers, self.layer, self.budget.ratio, k_name="layer")
 
     def describe(self) -> str:
         return super().describe() if self.given_schedule is not None else f"keep_ratio={self.budget.ratio}, layer={self.layer}"
