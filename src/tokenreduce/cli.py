@@ -155,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "search-schedule", help="search an in-LLM method's per-layer visual-token schedule on calibration questions",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Search the visual tokens an in-LLM method (fastv, pyramiddrop) keeps at each layer of the "
-                    "mini-LLaVA's language model, on questions of the task's calibration split (never the held-out "
-                    "ones bench vlm reports), and save the schedule as JSON for bench vlm --schedule or "
+        description="Search the visual tokens an in-LLM method (fastv, pyramiddrop, sparsevlm, ...: `tokenreduce "
+                    "list`) keeps at each layer of the mini-LLaVA's language model, on questions of the task's "
+                    "calibration split (never the held-out ones bench vlm reports), and save the schedule as JSON "
+                    "for bench vlm --schedule or "
                     "get_method(name, schedule=FILE). Searches from arXiv 2412.00556.",
         epilog="searches:\n"
                "  g          G-Search: shallow to deep, the fewest tokens each layer keeps with the calibration score\n"
