@@ -31,5 +31,7 @@ for m in order:
         if m in ("full", "blind") and b != 0.5:
             cells.append("")
         else:
-            cells.append("—" if v is None else f"{v[0]:.3f}" + ("" if v[1] >= 500 else f" (n={v[1]})"))
+            ran = any(task == t for task, _ in acc[m])  # "—": skipped (budget out of reach); "not run": no run
+            cells.append(("—" if ran else "not run") if v is None else
+                         f"{v[0]:.3f}" + ("" if v[1] >= 500 else f" (n={v[1]})"))
     print(f"| {m} | " + " | ".join(cells) + " |")
