@@ -82,7 +82,9 @@ class FlowCutLLM(LayerDropMethod):
         return one_drop(self.name, info.num_layers, self.layer, self.budget.ratio, k_name="layer")
 
     def describe(self) -> str:
-        return super().describe() if self.given_schedule is not None else f"keep_ratio={self.budget.ratio}, layer={self.layer}"
+        if self.given_schedule is not None:
+            return super().describe()
+        return f"keep_ratio={self.budget.ratio}, layer={self.layer}"
 
     def plan(self, ctx: LayerContext) -> Reduction:
         visual = ctx.visual.nonzero().flatten()
