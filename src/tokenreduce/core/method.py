@@ -524,6 +524,20 @@ class LayerDropMethod(Method):
             raise BudgetError(f"{self.name}: the schedule drops no visual token (it has no drop layer); run the model "
                               "without the method, or pass a schedule with at least one (layer, fraction) pair")
 
+    def one_drop_budget(self, k: int | None, r: float | None, why_k: str) -> None:
+        """FastV's native budget, shared by methods that drop once: ``self.k`` (default 2) and ``self.r`` (the fraction
+        dropped at ``k``; default 0.5 when neither ``keep_ratio`` nor a schedule is given), checked."""
+        from .params import check_float, check_int
+
+        self.refuse_with_schedule(k=k, r=r)
+        self.k = check_int(self.name, "k", 2 if k is None else k, min=1, why=why_k)
+        self.r = check_float(self.name, "r", r, min=0.0, max=1.0, max_open=True, optional=True,
+                             why="the fraction of visual tokens dropped at layer k")
+        if self.r is not None and self.budget is not None:
+            raise BudgetError(f"{self.name}: give keep_ratio or r, not both")
+        if self.r is None and self.budget is None and self.given_schedule is None:
+            self.r = 0.5
+
     def refuse_with_schedule(self, **native) -> None:
         """Raise `BudgetError` if a native budget parameter was given (not None) together with ``schedule``."""
         given = [name for name, value in native.items() if value is not None]

@@ -122,15 +122,7 @@ class CoarseToFine(LayerDropMethod):
                  grid: int | None = None, select_ratio: float = 0.25, max_tiles: int | None = None,
                  scores_from: str = "own", schedule=None):
         super().__init__(keep_ratio, schedule)
-        self.refuse_with_schedule(k=k, r=r)
-        self.k = check_int(self.name, "k", 2 if k is None else k, min=1,
-                           why="the drop layer (0-based) where tiles are chosen and tokens pruned; None = 2")
-        self.r = check_float(self.name, "r", r, min=0.0, max=1.0, max_open=True, optional=True,
-                             why="the fraction of visual tokens dropped at layer k")
-        if self.r is not None and self.budget is not None:
-            raise BudgetError(f"{self.name}: give keep_ratio or r, not both")
-        if self.r is None and self.budget is None and self.given_schedule is None:
-            self.r = 0.5
+        self.one_drop_budget(k, r, "the drop layer (0-based) where tiles are chosen and tokens pruned; None = 2")
         self.grid = check_int(self.name, "grid", grid, min=1, optional=True,
                               why="tiles per side after the coarse view; None = one image per run of visual tokens")
         self.select_ratio = check_float(self.name, "select_ratio", select_ratio, min=0.0, max=1.0, min_open=True,

@@ -30,9 +30,7 @@ the lmms-eval copy):
 
 from __future__ import annotations
 
-from ..core.errors import BudgetError
 from ..core.method import DecoderInfo, LayerDropMethod
-from ..core.params import check_float, check_int
 from ..core.registry import register
 from ..core.schedule import one_drop
 
@@ -47,15 +45,7 @@ class FastV(LayerDropMethod):
 
     def __init__(self, keep_ratio: float | None = None, k: int | None = None, r: float | None = None, schedule=None):
         super().__init__(keep_ratio, schedule)
-        self.refuse_with_schedule(k=k, r=r)
-        self.k = check_int(self.name, "k", 2 if k is None else k, min=1,
-                           why="the first layer (0-based) that runs on the kept tokens; None = 2, the paper's")
-        self.r = check_float(self.name, "r", r, min=0.0, max=1.0, max_open=True, optional=True,
-                             why="the fraction of visual tokens dropped at layer k")
-        if self.r is not None and self.budget is not None:
-            raise BudgetError(f"{self.name}: give keep_ratio or r, not both")
-        if self.r is None and self.budget is None and self.given_schedule is None:
-            self.r = 0.5
+        self.one_drop_budget(k, r, "the first layer (0-based) that runs on the kept tokens; None = 2, the paper's")
 
     def describe(self) -> str:
         if self.given_schedule is not None:
