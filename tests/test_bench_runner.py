@@ -199,14 +199,14 @@ def test_a_pipeline_cell_composes_a_connector_method_before_an_in_llm_method_at_
     fastv = tokenreduce.get_method("fastv")
     later = fastv.mean_kept(fastv.schedule(decoder_info(*find_decoder(model), ())), model.config.text_config
                             .num_hidden_layers)
-    grid = pipeline_cells(model, ["visionzip+fastv"], [0.5, 0.99], log=lambda _: None)
+    grid = pipeline_cells(model, ["visionzip+fastv"], [0.5, 0.99], per_image=16, log=lambda _: None)
     assert [(c.method, c.budget) for c in grid.cells] == [("visionzip+fastv", 0.5)]
     first, second = grid.cells[0].obj
     assert first.name == "visionzip" and second.name == "fastv" and first.budget.ratio == pytest.approx(0.5 / later)
     assert grid.skipped[0]["keep_ratio"] == 0.99 and "own schedule keeps" in grid.skipped[0]["reason"]
     assert check_methods(["visionzip+fastv", "fastv"]) == ["visionzip+fastv", "fastv"]
     for bad in ["fastv+visionzip", "visionzip+fastv+fastv", "visionzip+tome"]:
-        with pytest.raises(tokenreduce.StageError, match="write connector\\+in_llm"):
+        with pytest.raises(tokenreduce.StageError, match="write first\\+in_llm"):
             check_methods([bad])
     with tokenreduce.apply(model, first, second):  # they compose
         pass

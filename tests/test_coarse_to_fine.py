@@ -208,34 +208,15 @@ def test_bad_k_budget_and_schedule_are_refused():
 
 
 # ---------------------------------------------------------------------------- bench vlm --task largescene
-class _CharTokenizer:
-    """One id per character (none of them the image placeholder), decodable."""
-
-    pad_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [100 + ord(c) % 300 for c in text]
-
-    def batch_decode(self, ids, **kw):
-        return ["".join(chr(97 + int(i) % 26) for i in row) for row in ids]
-
-
 def test_bench_largescene_rows_and_tile_accuracy(tmp_path):
     """The task plumbing on a tiny LLaVA with the mini-LLaVA's layout (4 tokens per 28 px image): full, blind, the
     oracle focus row and the method's rows, visual tokens per sample from the multi-image prompts, tile picks."""
-    from tokenreduce.assets.minillava import IMAGE_TOKEN_ID, MiniLlavaProcessor
+    from tiny_vlm import tiny_minillava
+
     from tokenreduce.bench.vlm import FOCUS, VLMBenchConfig, run_vlm_bench, vlm_tasks
 
     assert "largescene" in vlm_tasks()
-    vision = tf.Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             image_size=28, patch_size=14)
-    text = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, pad_token_id=0)
-    torch.manual_seed(0)
-    model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
-        vision_feature_select_strategy="default")).eval()
-    proc = MiniLlavaProcessor(_CharTokenizer(), image_size=28)
+    model, proc = tiny_minillava(image_size=28)
     cfg = VLMBenchConfig(task="largescene", methods=["coarse_to_fine", "fastv"], budgets=[0.8], n=6, batch_size=3,
                          timing=False, pictures=0, out=str(tmp_path))
     rows = run_vlm_bench(cfg, model=model, processor=proc, log=lambda s: None, progress=False)

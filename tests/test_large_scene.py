@@ -9,21 +9,14 @@ import pytest
 import torch
 import transformers as tf
 
+from tiny_vlm import CharTokenizer
+
 from tokenreduce.assets import large_scene as ls
 from tokenreduce.assets.minillava import IMAGE_TOKEN_ID, MiniLlavaProcessor
 
 
-class _CharTokenizer:
-    """A stand-in for SmolLM2's tokenizer: one id per character, none of them the image placeholder."""
-
-    pad_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [100 + ord(c) % 300 for c in text]
-
-
 def _processor(image_size=28):  # 28 px / 14 = 2 x 2 = 4 visual tokens per image
-    return MiniLlavaProcessor(_CharTokenizer(), image_size=image_size)
+    return MiniLlavaProcessor(CharTokenizer(), image_size=image_size)
 
 
 def _far_from_background(tile, bg, tol):

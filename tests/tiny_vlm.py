@@ -222,3 +222,32 @@ def one(batch: dict, i: int) -> dict:
         else:  # pixel_values, image_sizes, image_grid_thw, pixel_attention_mask: one row per sample
             out[k] = v[i:i + 1]
     return out
+
+
+class CharTokenizer:
+    """A stand-in for SmolLM2's tokenizer: one id per character (none of them the image placeholder), decodable."""
+
+    pad_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [100 + ord(c) % 300 for c in text]
+
+    def batch_decode(self, ids, **kw):
+        return ["".join(chr(97 + int(i) % 26) for i in row) for row in ids]
+
+
+def tiny_minillava(image_size: int = 28, vision_layers: int = 2):
+    """``(model, processor)``: a random tiny LLaVA with the mini-LLaVA's layout (a DINOv2 tower, [CLS] + patches,
+    select layer -2, ``(image_size / 14)^2`` visual tokens per image) and its processor on `CharTokenizer`, for
+    ``bench vlm``'s plumbing on the real tasks' questions and images."""
+    from tokenreduce.assets.minillava import IMAGE_TOKEN_ID, MiniLlavaProcessor
+
+    vision = tf.Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                             num_attention_heads=2, image_size=image_size, patch_size=14)
+    text = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=2048, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
+        vision_feature_select_strategy="default")).eval()
+    return model, MiniLlavaProcessor(CharTokenizer(), image_size=image_size)

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-timing", action="store_true", help="skip prefill / decode timing and memory")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="results/vlm", help="output folder (results.jsonl, results.md, pareto.png, kept/)")
+    s.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="an extra parameter of a listed method (or of a pipeline's part), repeatable, e.g. "
+                        "--param coarse_to_fine.k=14 (VALUE read as JSON: 14, 0.5, true, \"text\"; else as text)")
     s.add_argument("--schedule", default=None, metavar="FILE",
                    help="a saved per-layer schedule (tokenreduce search-schedule): each listed in-LLM method also runs "
                         "it, one extra row each, labelled 'searched'")
@@ -269,6 +272,36 @@ def _bench_kv(args, parser) -> int:
     return 0
 
 
+def parse_method_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
+    """``--param METHOD.NAME=VALUE`` items -> ``{method: {name: value}}``; a `ParameterError` for a malformed item, a
+    method not listed (a pipeline ``a+b`` lists ``a`` and ``b``) or a name the method does not take."""
+    import json
+
+    from .core.errors import ParameterError
+    from .core.registry import method_params, registered
+
+    listed = {part for m in methods for part in m.split("+")}
+    out: dict[str, dict] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not (eq and dot and method and name.isidentifier()):
+            raise ParameterError(f"--param {item!r}: write METHOD.NAME=VALUE, e.g. --param coarse_to_fine.k=14")
+        if method not in listed:
+            raise ParameterError(f"--param {item!r}: {method!r} is not among the listed methods "
+                                 f"({', '.join(sorted(listed))}); list it with --methods")
+        known = [n for n, _ in method_params(registered()[method]) if n != "keep_ratio"]
+        if name not in known:
+            raise ParameterError(f"--param {item!r}: {method} takes no parameter {name!r}; its parameters: "
+                                 f"{', '.join(known) or 'none'} (the budget comes from --budgets)")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out.setdefault(method, {})[name] = value
+    return out
+
+
 def _bench_vlm(args, parser) -> int:
     from .bench.runner import check_keep_ratios
     from .bench.vlm import VLMBenchConfig, check_methods, check_schedule_methods, run_vlm_bench, schedule_method_names
@@ -282,6 +315,7 @@ def _bench_vlm(args, parser) -> int:
             names = (schedule_method_names() if args.schedule is not None else
                      ["fastervlm", "visionzip", "visual_random", "visual_pool", "fastv", "pyramiddrop"])
         methods = check_methods(names)
+        params = parse_method_params(args.param, methods)
         budgets = check_keep_ratios(args.budgets, "budget", "the fraction of visual tokens kept", "--budgets 0.5,0.25")
         if args.schedule is not None:
             check_schedule_methods(methods)
@@ -292,7 +326,8 @@ def _bench_vlm(args, parser) -> int:
         parser.error(str(e))
     cfg = VLMBenchConfig(model=args.model, task=args.task, methods=methods, budgets=budgets, n=args.n,
                          batch_size=args.batch_size, timing=not args.no_timing, timing_repeats=args.timing_repeats,
-                         pictures=args.pictures, seed=args.seed, out=args.out, schedule=schedule)
+                         pictures=args.pictures, seed=args.seed, out=args.out, schedule=schedule,
+                         method_params=params)
     t0 = time.perf_counter()
     run_vlm_bench(cfg, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())

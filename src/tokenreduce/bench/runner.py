@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -120,8 +120,10 @@ def check_keep_ratios(values: Sequence[float], word: str, meaning: str, example:
 
 
 def build_grid(names: Sequence[str], budgets: Sequence[float], skip_calibrated: bool = False,
-               skip_bad_budgets: bool = False, log: Callable[[str], None] = print) -> Grid:
-    """Every (method, budget) cell, each method built by `tokenreduce.get_method` now (bad parameters fail early).
+               skip_bad_budgets: bool = False, log: Callable[[str], None] = print,
+               params: Mapping[str, Mapping[str, Any]] | None = None) -> Grid:
+    """Every (method, budget) cell, each method built by `tokenreduce.get_method` now (bad parameters fail early),
+    with ``params[name]`` (extra keyword arguments) if given.
 
     ``skip_calibrated``: methods that need calibration are skipped (with the reason) instead of
     run; ``skip_bad_budgets``: a method refusing a keep_ratio (`BudgetError`) is skipped at that
@@ -137,7 +139,7 @@ def build_grid(names: Sequence[str], budgets: Sequence[float], skip_calibrated: 
             continue
         for b in budgets:
             try:
-                cells.append(Cell(name, b, tokenreduce.get_method(name, keep_ratio=b)))
+                cells.append(Cell(name, b, tokenreduce.get_method(name, keep_ratio=b, **(params or {}).get(name, {}))))
             except BudgetError as e:
                 if not skip_bad_budgets:
                     raise

@@ -92,10 +92,35 @@ def in_llm_method_names() -> list[str]:
     return sorted(n for n, cls in registered().items() if issubclass(cls, LayerDropMethod))
 
 
+def tower_method_names() -> list[str]:
+    """The registered vision-tower methods that set how many patch tokens leave the tower (``count_param``):
+    ``bench vlm`` gives them ``round(budget x visual tokens per image)``."""
+    from ..core.method import EncoderMethod
+    from ..core.registry import registered
+
+    return sorted(n for n, cls in registered().items() if issubclass(cls, EncoderMethod) and cls.count_param)
+
+
 def vlm_method_names() -> list[str]:
     from ..core.registry import list_methods
 
-    return [i.name for i in list_methods() if i.stage == "connector"] + in_llm_method_names()
+    return tower_method_names() + [i.name for i in list_methods() if i.stage == "connector"] + in_llm_method_names()
+
+
+def first_stage_method(name: str, fraction: float, per_image: int, params: dict | None = None):
+    """A tower or connector method keeping ``fraction`` of each image's ``per_image`` visual tokens (a tower method:
+    its ``count_param`` set to the rounded count; a `BudgetError` if that is 0)."""
+    import tokenreduce
+    from ..core.registry import registered
+
+    extra = dict(params or {})
+    if name in tower_method_names():
+        count = round(fraction * per_image)
+        if count < 1:
+            raise BudgetError(f"{name} would keep {fraction:g} x {per_image} = {fraction * per_image:.2f} visual "
+                              f"tokens per image, under 1; give a larger budget")
+        return tokenreduce.get_method(name, **{registered()[name].count_param: count}, **extra)
+    return tokenreduce.get_method(name, keep_ratio=fraction, **extra)
 
 
 def schedule_method_names() -> list[str]:
@@ -137,7 +162,7 @@ def prefill(model, inputs, method=None):
 
 
 def check_methods(names: Sequence[str]) -> list[str]:
-    """The listed methods, checked; ``a+b`` is a pipeline: connector method ``a``, then in-LLM method ``b``."""
+    """The listed methods, checked; ``a+b`` is a pipeline: tower or connector method ``a``, then in-LLM method ``b``."""
     from ..core.registry import list_methods
 
     stages = {i.name: i.stage for i in list_methods()}
@@ -147,9 +172,11 @@ def check_methods(names: Sequence[str]) -> list[str]:
         raise StageError(f"no methods given; known visual-token methods: {known}")
     for pipe in (n for n in names if "+" in n):
         parts = pipe.split("+")
-        if len(parts) != 2 or stages.get(parts[0]) != "connector" or parts[1] not in in_llm_method_names():
-            raise StageError(f"pipeline {pipe!r}: write connector+in_llm, e.g. visionzip+visiondrop (connector "
-                             f"methods: {', '.join(n for n in vlm_method_names() if stages[n] == 'connector')}; "
+        first_ok = stages.get(parts[0]) == "connector" or parts[0] in tower_method_names()
+        if len(parts) != 2 or not first_ok or parts[1] not in in_llm_method_names():
+            raise StageError(f"pipeline {pipe!r}: write first+in_llm, e.g. visionzip+visiondrop (first: a tower "
+                             f"method, {', '.join(tower_method_names())}, or a connector method, "
+                             f"{', '.join(n for n in vlm_method_names() if stages[n] == 'connector')}; "
                              f"in-LLM: {', '.join(in_llm_method_names())})")
     for n in (n for n in names if "+" not in n):
         if n in (FULL, FULL_NAME, BLIND):
@@ -166,13 +193,25 @@ def check_methods(names: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------- analytic FLOPs
 def tower_flops(model, visual_tokens: int) -> tuple[float, float]:
     """(tower, projector) FLOPs per image: every tower block on [CLS] + patches, the 2-layer projector."""
-    vc = model.config.vision_config
     tokens = visual_tokens + 1
-    hidden, mlp = vc.hidden_size, vc.hidden_size * getattr(vc, "mlp_ratio", 4)
-    tower = vc.num_hidden_layers * (vit_attention_flops(tokens, hidden) + vit_mlp_flops(tokens, hidden, mlp))
+    tower = model.config.vision_config.num_hidden_layers * tower_block_flops(model, tokens)
     proj = model.model.multi_modal_projector
     d_in, d_mid, d_out = proj.linear_1.in_features, proj.linear_1.out_features, proj.linear_2.out_features
     return tower, 2.0 * (tokens - 1) * (d_in * d_mid + d_mid * d_out)
+
+
+def tower_block_flops(model, tokens: float) -> float:
+    """One tower block (attention and MLP) on ``tokens`` tokens of one image."""
+    vc = model.config.vision_config
+    hidden, mlp = vc.hidden_size, vc.hidden_size * getattr(vc, "mlp_ratio", 4)
+    return vit_attention_flops(tokens, hidden) + vit_mlp_flops(tokens, hidden, mlp)
+
+
+def reduced_tower_flops(model, stats) -> float:
+    """A tower method's tower FLOPs per image: its stage's count of the blocks it ran in (scoring included), and the
+    blocks from the projector's select layer on, which run on the tokens it left (not hooked, so not in its stats)."""
+    after = model.config.vision_config.num_hidden_layers - len(stats.tokens_per_layer)
+    return stats.flops + after * tower_block_flops(model, stats.final_tokens)
 
 
 # ---------------------------------------------------------------------------- the task
@@ -287,11 +326,11 @@ class _VLMTask(Task):
     def _generate(self, inputs):
         return self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
 
-    @staticmethod
-    def _prefill_fields(stages: dict) -> dict:
+    def _prefill_fields(self, stages: dict) -> dict:
         """The prefill's fields from its stages' stats; a pipeline (connector then in-LLM method): the in-LLM stage's
-        tokens, plus the connector's planning FLOPs and its count of the prompt's visual tokens."""
-        s = stages.get("decoder") or next(iter(stages.values()))
+        tokens, plus the connector's planning FLOPs and its count of the prompt's visual tokens; a tower method: the
+        tower's FLOPs (per image) and the visual tokens it left for the projector."""
+        s = stages.get("decoder") or stages.get("connector") or next(iter(stages.values()))
         out = {"lm_flops": s.flops, "lm_flops_full": s.flops_full, "scoring_flops": s.scoring_flops,
                "kept_positions": getattr(s, "kept_positions", None), "visual_tokens": s.visual_tokens}
         if hasattr(s, "visual_tokens_per_layer"):
@@ -305,6 +344,11 @@ class _VLMTask(Task):
             out["lm_flops_full"] = first.flops_full
             out["scoring_flops"] += first.scoring_flops
             out["visual_tokens"] = first.visual_tokens
+        tower = stages.get("encoder")
+        if tower is not None:  # a tower method: its blocks' FLOPs, and the projector runs on what it left
+            out["tower_flops"] = reduced_tower_flops(self.model, tower)
+            out["projected"] = first.kept_visual_tokens
+            out["scoring_flops"] += tower.scoring_flops
         return out
 
     def _keep_picture(self, cell: Cell, batch, inputs, prefill) -> None:
@@ -350,6 +394,9 @@ class _VLMTask(Task):
             row.update(visual_tokens=mean("visual_tokens"), visual_kept=mean("visual_kept"),
                        tower_flops=self.tower, projector_flops=self.projector, lm_flops=mean("lm_flops"),
                        scoring_flops=mean("scoring_flops"))
+            if "tower_flops" in runs[0]:  # a tower method: the tower per image times images per sample
+                row.update(tower_flops=mean("tower_flops") * visual / self.processor.num_image_tokens,
+                           projector_flops=self.projector * mean("projected") / visual)
             if "visual_per_layer" in runs[0]:
                 layers = len(runs[0]["visual_per_layer"])
                 row["visual_per_layer"] = [sum(r["visual_per_layer"][i] * r["n"] for r in runs) / n
@@ -507,25 +554,42 @@ def draw_kept(pictures: dict[str, list], out: Path, num_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------------------- entry point
-def pipeline_cells(model, pipes: Sequence[str], budgets: Sequence[float], log: Callable[[str], None]) -> Grid:
-    """Cells of ``connector+in_llm`` pipelines: the in-LLM method at its native schedule, the connector's keep_ratio
-    set so that the visual tokens the language model keeps, averaged over its layers, are ``budget`` of the image's."""
+def tower_cells(names: Sequence[str], budgets: Sequence[float], per_image: int, params: dict | None = None,
+                log: Callable[[str], None] = print) -> Grid:
+    """Cells of the tower methods: each keeps ``budget`` of the image's visual tokens at the end of the tower."""
+    cells, skipped = [], []
+    for name in names:
+        for b in budgets:
+            try:
+                cells.append(Cell(name, b, first_stage_method(name, b, per_image, (params or {}).get(name))))
+            except BudgetError as e:
+                skipped.append({"method": name, "keep_ratio": b, "reason": f"no keep_ratio budget: {e}"})
+                log(f"skipping {name} @ {b:g}: {e}")
+    return Grid(cells, skipped)
+
+
+def pipeline_cells(model, pipes: Sequence[str], budgets: Sequence[float], per_image: int, params: dict | None = None,
+                   log: Callable[[str], None] = print) -> Grid:
+    """Cells of ``first+in_llm`` pipelines: the in-LLM method at its native schedule, the first (tower or connector)
+    method's budget set so that the visual tokens the language model keeps, averaged over its layers, are ``budget``
+    of the image's."""
     import tokenreduce
     from ..families.decoders import decoder_info, find_decoder
 
     fam, backbone = find_decoder(model)
     info = decoder_info(fam, backbone, ())
+    params = params or {}
     cells, skipped = [], []
     for pipe in pipes:
         first, second = pipe.split("+")
-        inner = tokenreduce.get_method(second)
+        inner = tokenreduce.get_method(second, **params.get(second, {}))
         later = inner.mean_kept(inner.schedule(info), info.num_layers)
         for b in budgets:
             try:
                 if b / later > 1:
                     raise BudgetError(f"{second}'s own schedule keeps {later:.3f} on average, above {b}")
-                cells.append(Cell(pipe, b, (tokenreduce.get_method(first, keep_ratio=b / later),
-                                            tokenreduce.get_method(second))))
+                cells.append(Cell(pipe, b, (first_stage_method(first, b / later, per_image, params.get(first)),
+                                            tokenreduce.get_method(second, **params.get(second, {})))))
             except BudgetError as e:
                 skipped.append({"method": pipe, "keep_ratio": b, "reason": f"no keep_ratio budget: {e}"})
                 log(f"skipping {pipe} @ {b:g}: {e}")
@@ -560,13 +624,15 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
     if cfg.model != "minillava":
         raise StageError(f"unknown VLM {cfg.model!r}; the bundled one is 'minillava'")
     pipes = [n for n in names if "+" in n]
-    grid = build_grid([n for n in names if "+" not in n], budgets, skip_bad_budgets=True, log=log)
+    towers = [n for n in names if n in tower_method_names()]
+    grid = build_grid([n for n in names if "+" not in n and n not in towers], budgets, skip_bad_budgets=True, log=log,
+                      params=cfg.method_params)
     if model is None:
         from ..assets.minillava import load_vlm
 
         model, processor = load_vlm(cfg.model)
-    if pipes:
-        more = pipeline_cells(model, pipes, budgets, log)
+    for more in (tower_cells(towers, budgets, processor.num_image_tokens, cfg.method_params, log),
+                 pipeline_cells(model, pipes, budgets, processor.num_image_tokens, cfg.method_params, log)):
         grid = Grid(grid.cells + more.cells, grid.skipped + more.skipped)
     if cfg.schedule is not None:
         grid = Grid(grid.cells + schedule_cells(model, names, cfg), grid.skipped)

@@ -108,6 +108,9 @@ class EncoderMethod(Method):
     needs_cls: ClassVar[bool] = False
     runs_alone: ClassVar[bool] = False  # fixes a block's attention (an override): the only encoder method in its tower
     needs_grid: ClassVar[bool] = False  # needs the intact patch grid: reduces before every other method
+    # The parameter that sets how many patch tokens leave the tower (FlowCut's ``target_num``): in a VLM, the
+    # visual tokens the language model receives. `bench vlm` runs the tower methods that have one at its budgets.
+    count_param: ClassVar[str | None] = None
 
     def check(self, info: EncoderInfo) -> None:
         """Raise `StageError` if this method cannot serve the model described by ``info``."""

@@ -145,6 +145,7 @@ class FlowCut(EncoderMethod):
     arxiv = "2505.19536"
     signals = ("cls_attn", "values")
     needs_cls = True
+    count_param = "target_num"
 
     def __init__(self, target_num: int | None = None, keep_ratio: float | None = None):
         super().__init__(keep_ratio)

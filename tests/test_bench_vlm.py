@@ -1,0 +1,79 @@
+"""`tokenreduce bench vlm`'s tower methods, pipelines that start in the tower, and ``--param``."""
+
+from __future__ import annotations
+
+import pytest
+
+import tokenreduce
+from tokenreduce.cli import main, parse_method_params
+
+
+def test_tower_methods_are_the_encoder_methods_that_set_the_tokens_leaving_the_tower():
+    from tokenreduce.bench.vlm import check_methods, first_stage_method, tower_method_names, vlm_method_names
+
+    assert "flowcut" in tower_method_names() and "tome" not in tower_method_names()
+    assert set(tower_method_names()) <= set(vlm_method_names())
+    assert first_stage_method("flowcut", 0.25, 144).target_num == 36
+    assert first_stage_method("flowcut", 0.1, 144).target_num == 14  # round(14.4)
+    assert first_stage_method("visionzip", 0.25, 144).budget.ratio == 0.25
+    with pytest.raises(tokenreduce.BudgetError, match="under 1"):
+        first_stage_method("flowcut", 0.003, 144)
+    assert check_methods(["flowcut+flowcut_llm", "flowcut"]) == ["flowcut+flowcut_llm", "flowcut"]
+    with pytest.raises(tokenreduce.StageError, match="not on visual tokens"):
+        check_methods(["tome"])
+    with pytest.raises(tokenreduce.StageError, match="write first\\+in_llm"):
+        check_methods(["tome+fastv"])
+
+
+def test_bench_vlm_runs_a_tower_method_and_counts_the_tower_it_saved(tmp_path):
+    """FlowCut in the tower of a tiny LLaVA with the mini-LLaVA's layout (16 tokens per 56 px image, 4 tower blocks,
+    select layer -2: FlowCut reduces in blocks 0-1, blocks 2-3 run on what it left): the language model gets
+    round(budget x 16) visual tokens, the projector's FLOPs shrink in proportion, the tower's are below the full
+    model's by at least the two unhooked blocks' saving, and at budget 1.0 (nothing reduced) they equal the full
+    model's. A pipeline starting in the tower composes with an in-LLM method."""
+    from tiny_vlm import tiny_minillava
+
+    from tokenreduce.bench.vlm import VLMBenchConfig, run_vlm_bench, tower_block_flops
+
+    model, proc = tiny_minillava(image_size=56, vision_layers=4)
+    cfg = VLMBenchConfig(task="easyvqa", methods=["flowcut", "flowcut+fastv"], budgets=[1.0, 0.5], n=4,
+                         batch_size=2, timing=False, pictures=0, out=str(tmp_path))
+    rows = run_vlm_bench(cfg, model=model, processor=proc, log=lambda s: None, progress=False)
+    by = {(r["method"], r["budget"]): r for r in rows}
+    full, half, whole = by[("full", None)], by[("flowcut", 0.5)], by[("flowcut", 1.0)]
+    assert half["visual_kept"] == 8 and half["visual_tokens"] == 16 and whole["visual_kept"] == 16
+    assert half["projector_flops"] == pytest.approx(full["projector_flops"] / 2)
+    assert whole["tower_flops"] == pytest.approx(full["tower_flops"], rel=1e-3)
+    saved_after = 2 * (tower_block_flops(model, 17) - tower_block_flops(model, 9))
+    assert half["tower_flops"] <= full["tower_flops"] - saved_after
+    assert half["flops_ratio"] < 1 and half["lm_flops"] < full["lm_flops"]
+    pipe = by[("flowcut+fastv", 0.5)]
+    assert pipe["visual_per_layer"][0] > pipe["visual_per_layer"][-1]
+    assert pipe["visual_kept"] == pytest.approx(8, abs=1)  # the tower's count is rounded
+    assert pipe["params"].startswith("target_num=10 + k=2")  # round(0.5 / FastV's mean kept x 16), FastV's own k
+
+
+def test_method_params_are_parsed_and_checked_against_the_listed_methods():
+    params = parse_method_params(["coarse_to_fine.k=14", "fastv.r=0.25", "flowcut_llm.schedule=[[2, 0.5]]"],
+                                 ["coarse_to_fine", "fastv", "flowcut+flowcut_llm"])
+    assert params == {"coarse_to_fine": {"k": 14}, "fastv": {"r": 0.25}, "flowcut_llm": {"schedule": [[2, 0.5]]}}
+    for item, message in [("fastv=3", "METHOD.NAME=VALUE"), ("fastv.=3", "METHOD.NAME=VALUE"),
+                          ("visionzip.dominant=3", "not among the listed methods"),
+                          ("fastv.depth=3", "fastv takes no parameter 'depth'"),
+                          ("fastv.keep_ratio=0.3", "the budget comes from --budgets")]:
+        with pytest.raises(tokenreduce.ParameterError, match=message):
+            parse_method_params([item], ["fastv"])
+
+
+def test_bench_vlm_param_errors_come_before_the_model_loads(capsys, monkeypatch):
+    import tokenreduce.assets.minillava as minillava
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the usage error")
+    monkeypatch.setattr(minillava, "load_vlm", refuse)
+    for argv, message in [(["--methods", "fastv", "--param", "fastv.depth=3"], "takes no parameter"),
+                          (["--methods", "fastv", "--param", "fastv"], "METHOD.NAME=VALUE")]:
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "vlm", *argv])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
