@@ -287,6 +287,34 @@ def test_every_family_keep_ratio_one_is_bit_identical_and_a_padded_batch_is_its_
                 assert torch.equal(out[i], single), (method, i)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tower_methods_run_where_the_projector_reads_the_tower_and_are_refused_before_any_work_elsewhere(name):
+    """FlowCut and ToMe in the vision tower: in the LLaVA family keep_ratio=1.0 is bit-identical and a padded batch
+    generates what each prompt generates alone; every family whose projector reshapes the patch grid after the tower
+    (or whose tower is no supported encoder) refuses at attach with `UnsupportedModelError`, never a tensor error."""
+    from tokenreduce.families.vlms import find_vlm
+
+    model = tiny_vlm(name)
+    batch = vlm_batch(model, name, TEXTS)
+    for method in ("flowcut", "tome"):
+        if not find_vlm(model).family.tower_reduction:
+            with pytest.raises(tr.UnsupportedModelError):
+                tr.patch(model, tr.get_method(method, keep_ratio=0.6))
+            continue
+        with torch.no_grad():
+            want = model(**batch).logits
+            with tr.apply(model, tr.get_method(method, keep_ratio=1.0)):
+                assert torch.equal(model(**batch).logits, want), method
+            with tr.apply(model, tr.get_method(method, keep_ratio=0.6)) as h:
+                out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, -4:]
+                s = h.stats_by_stage["connector"]
+                singles = [model.generate(**one(batch, i), max_new_tokens=4, do_sample=False, pad_token_id=0)[0, -4:]
+                           for i in range(len(TEXTS))]
+        assert s.kept_visual_tokens < s.visual_tokens, method
+        for i, single in enumerate(singles):
+            assert torch.equal(out[i], single), (method, i)
+
+
 def test_pyramiddrop_own_scores_refuse_m_rope_with_the_fix():
     with pytest.raises(tr.UnsupportedModelError, match="scores_from='previous'"):
         tr.patch(tiny_vlm("qwen2_vl"), tr.get_method("pyramiddrop", layers=[1, 2], keep_ratio=0.6))

@@ -2,8 +2,7 @@
 table (markdown), as in the README: `python tools/vlm_results_table.py`."""
 import json
 R = "benchmarks/results/"  # run from the repository root
-runs = {"easyvqa": ["vlm_easyvqa", "vlm_easyvqa_merge", "vlm_easyvqa_pipelines", "vlm_easyvqa_more"],
-        "scenes": ["vlm_scenes", "vlm_scenes_merge", "vlm_scenes_pipelines", "vlm_scenes_more"]}
+runs = {t: [f"vlm_{t}{tag}" for tag in ("", "_merge", "_pipelines", "_more", "_tower")] for t in ("easyvqa", "scenes")}
 acc, ratio = {}, {}
 for task, dirs in runs.items():
     for d in dirs:
@@ -18,7 +17,8 @@ for task, dirs in runs.items():
             acc.setdefault(r["method"], {})[(task, r.get("budget"))] = (r["accuracy"], r["n"])
             ratio.setdefault(r["method"], {})[(task, r.get("budget"))] = r.get("flops_ratio")
 order = ["full", "blind", "fastervlm", "visionzip", "vflowopt", "visual_random", "visual_pool", "fastv", "pyramiddrop",
-         "sparsevlm", "visiondrop", "llavolta", "flowcut_llm", "yopo", "visionzip+visiondrop", "fastervlm+fastv"]
+         "sparsevlm", "visiondrop", "llavolta", "flowcut", "flowcut_llm", "yopo", "visionzip+visiondrop", "fastervlm+fastv",
+         "flowcut+flowcut_llm"]
 cols = [(t, b) for t in ("easyvqa", "scenes") for b in (0.5, 0.25, 0.1)]
 print("| method | " + " | ".join(f"{'easy-vqa' if t == 'easyvqa' else t} {b}" for t, b in cols) + " |")
 print("|---|" + "---|" * len(cols))

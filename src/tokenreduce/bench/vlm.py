@@ -2,8 +2,9 @@
 
 For one task (``easyvqa`` or ``scenes``, `assets.vqa`, or ``largescene``, `assets.large_scene`: the
 coarse view then the G x G tiles of a big canvas, form "multi"; held-out split) and every (method,
-budget) cell — connector methods (FasterVLM, VisionZip, random, pooling) and in-LLM methods
-(FastV, PyramidDrop) — the same questions are answered by greedy ``generate`` (batches of
+budget) cell — tower methods (FlowCut: ``round(budget x visual tokens per image)`` leave the tower),
+connector methods (FasterVLM, VisionZip, random, pooling), in-LLM methods (FastV, PyramidDrop) and
+pipelines ``first+in_llm`` — the same questions are answered by greedy ``generate`` (batches of
 left-padded prompts) and scored by their first word. Every table has the full model's row
 (``method: "full"``) and the blind row (``"blind"``: the same questions without the image);
 ``largescene`` adds the oracle row ``"focus (oracle)"``: the full model on the coarse view and the

@@ -30,9 +30,13 @@ class VLMFamily:
     mask: str = "2d"  # "2d": a padding mask; "dict": a dict of 4-D masks built by the outer model (Gemma 3)
     deepstack: bool = False  # Qwen3-VL: visual features added after early layers (visual_pos_masks, ...)
     cls_tower: bool = True  # the tower has a [CLS] at index 0 that the features drop ("default" strategy)
+    # The projector reads the select layer's tokens one to one, so a tower method (an encoder method before the
+    # select layer) can hand the language model fewer visual tokens. Families that reshape the patch grid after
+    # the tower (LLaVA-NeXT's unpadding and newlines, LLaVA-OneVision's, Gemma 3's pooling) cannot.
+    tower_reduction: bool = False
 
 
-LLAVA = VLMFamily("llava", ("LlavaModel",), "language_model", "vision_tower")
+LLAVA = VLMFamily("llava", ("LlavaModel",), "language_model", "vision_tower", tower_reduction=True)
 LLAVA_NEXT = VLMFamily("llava_next", ("LlavaNextModel",), "language_model", "vision_tower")  # spans include newlines
 LLAVA_ONEVISION = VLMFamily("llava_onevision", ("LlavaOnevisionModel",), "language_model", "vision_tower",
                             token_ids=("image_token_id", "video_token_id"), cls_tower=False)  # SigLIP tower

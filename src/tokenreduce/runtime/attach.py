@@ -83,6 +83,12 @@ class Handle:
             family, _owner, blocks, config = encoders[0]
             vlm = find_vlm(model)
             reducing = [m for m in by_stage["encoder"] if not m.reduces_nothing]
+            if vlm is not None and reducing and not vlm.family.tower_reduction:
+                raise UnsupportedModelError(
+                    f"{reducing[0]!r} would reduce inside the vision tower of a {vlm.family.name} model, whose projector "
+                    "does not read the tower's tokens one to one (the patch grid is reshaped after the tower); tower "
+                    "methods run inside LLaVA(-1.5-style) models only: reduce this model's visual tokens with a "
+                    "connector or in-LLM method (tokenreduce list --stage connector / decoder)")
             if vlm is not None and reducing:
                 # inside a VLM the tower reduces before its select layer (the block whose output the projector reads);
                 # the connector stage then hands the language model the reduced visual tokens
