@@ -34,20 +34,22 @@ def calibrate(method: Method, model: nn.Module, data, **options) -> Method:
     if isinstance(method, UnmergeMethod) and method.tower is not None:  # a pipeline method: its tower's thresholds
         if options:
             raise StageError(f"calibrating {method.name} takes no options; got {sorted(options)}")
-        _calibrate_encoder(method.tower, model, data)
+        _calibrate_by_forwards(method.tower, model, data)
         return method
     if isinstance(method, LayerDropMethod):  # an in-LLM method (YOPO's visual heads): batches of VLM inputs
         if options:
             raise StageError(f"calibrating {method.name} takes no options; got {sorted(options)}")
-        return _calibrate_encoder(method, model, _input_dicts(data, method.name))
+        return _calibrate_by_forwards(method, model, _input_dicts(data, method.name))
     if isinstance(method, EncoderMethod):
         if options:
             raise StageError(f"calibrating {method.name} takes no options; got {sorted(options)}")
-        return _calibrate_encoder(method, model, data)
+        return _calibrate_by_forwards(method, model, data)
     raise StageError(f"no calibration runner for {method.stage} methods such as {method!r}")
 
 
-def _calibrate_encoder(method: EncoderMethod, model: nn.Module, batches) -> EncoderMethod:
+def _calibrate_by_forwards(method: EncoderMethod | LayerDropMethod, model: nn.Module, batches):
+    """Run the model on each batch with ``method`` attached; the method observes each forward's stats (its stage's)
+    between ``begin_calibration`` and ``end_calibration`` (DyMU's thresholds, YOPO's visual heads)."""
     param = next(model.parameters(), None)
     method.begin_calibration()
     completed = False
