@@ -11,18 +11,22 @@ from tokenreduce.cli import main, parse_method_params
 def test_tower_methods_are_the_encoder_methods_that_set_the_tokens_leaving_the_tower():
     from tokenreduce.bench.vlm import check_methods, first_stage_method, tower_method_names, vlm_method_names
 
-    assert "flowcut" in tower_method_names() and "tome" not in tower_method_names()
+    assert {"flowcut", "dymu", "dymu_vtu"} <= set(tower_method_names()) and "tome" not in tower_method_names()
     assert set(tower_method_names()) <= set(vlm_method_names())
     assert first_stage_method("flowcut", 0.25, 144).target_num == 36
     assert first_stage_method("flowcut", 0.1, 144).target_num == 14  # round(14.4)
+    assert first_stage_method("dymu", 0.25, 144).r_total == 108  # merges leaving 36
+    assert first_stage_method("dymu_vtu", 0.25, 144).tower.r_total == 108
+    assert first_stage_method("flowcut", 1.0, 144).reduces_nothing
     assert first_stage_method("visionzip", 0.25, 144).budget.ratio == 0.25
     with pytest.raises(tokenreduce.BudgetError, match="under 1"):
         first_stage_method("flowcut", 0.003, 144)
     assert check_methods(["flowcut+flowcut_llm", "flowcut"]) == ["flowcut+flowcut_llm", "flowcut"]
     with pytest.raises(tokenreduce.StageError, match="not on visual tokens"):
         check_methods(["tome"])
-    with pytest.raises(tokenreduce.StageError, match="write first\\+in_llm"):
-        check_methods(["tome+fastv"])
+    for bad in ["tome+fastv", "dymu_vtu+fastv"]:  # dymu_vtu is a language-model stage of its own
+        with pytest.raises(tokenreduce.StageError, match="write first\\+in_llm"):
+            check_methods([bad])
 
 
 def test_bench_vlm_runs_a_tower_method_and_counts_the_tower_it_saved(tmp_path):
@@ -30,14 +34,15 @@ def test_bench_vlm_runs_a_tower_method_and_counts_the_tower_it_saved(tmp_path):
     select layer -2: FlowCut reduces in blocks 0-1, blocks 2-3 run on what it left): the language model gets
     round(budget x 16) visual tokens, the projector's FLOPs shrink in proportion, the tower's are below the full
     model's by at least the two unhooked blocks' saving, and at budget 1.0 (nothing reduced) they equal the full
-    model's. A pipeline starting in the tower composes with an in-LLM method."""
+    model's. A pipeline starting in the tower composes with an in-LLM method. DyMU is calibrated on the calibration
+    split for each budget; with virtual unmerging its cache keeps the whole prompt, without it only the merged rows."""
     from tiny_vlm import tiny_minillava
 
     from tokenreduce.bench.vlm import VLMBenchConfig, run_vlm_bench, tower_block_flops
 
     model, proc = tiny_minillava(image_size=56, vision_layers=4)
-    cfg = VLMBenchConfig(task="easyvqa", methods=["flowcut", "flowcut+fastv"], budgets=[1.0, 0.5], n=4,
-                         batch_size=2, timing=False, pictures=0, out=str(tmp_path))
+    cfg = VLMBenchConfig(task="easyvqa", methods=["flowcut", "flowcut+fastv", "dymu", "dymu_vtu"], budgets=[1.0, 0.5],
+                         n=4, batch_size=2, timing=False, pictures=0, out=str(tmp_path), calib=4)
     rows = run_vlm_bench(cfg, model=model, processor=proc, log=lambda s: None, progress=False)
     by = {(r["method"], r["budget"]): r for r in rows}
     full, half, whole = by[("full", None)], by[("flowcut", 0.5)], by[("flowcut", 1.0)]
@@ -51,6 +56,11 @@ def test_bench_vlm_runs_a_tower_method_and_counts_the_tower_it_saved(tmp_path):
     assert pipe["visual_per_layer"][0] > pipe["visual_per_layer"][-1]
     assert pipe["visual_kept"] == pytest.approx(8, abs=1)  # the tower's count is rounded
     assert pipe["params"].startswith("target_num=10 + k=2")  # round(0.5 / FastV's mean kept x 16), FastV's own k
+    dymu, vtu = by[("dymu", 0.5)], by[("dymu_vtu", 0.5)]
+    assert dymu["params"].startswith("r_total=8") and "uncalibrated" not in dymu["params"]
+    assert by[("dymu", 1.0)]["accuracy"] == full["accuracy"] and by[("dymu", 1.0)]["visual_kept"] == 16
+    assert dymu["visual_kept"] < 16 and dymu["kv_bytes_per_sample"] < full["kv_bytes_per_sample"]
+    assert vtu["visual_kept"] < 16 and vtu["kv_bytes_per_sample"] == full["kv_bytes_per_sample"]
 
 
 def test_method_params_are_parsed_and_checked_against_the_listed_methods():

@@ -136,6 +136,8 @@ class Row:
     # override (``params`` are merged into the row's)
     variants: dict = field(default_factory=dict)
     vlm: str = ""  # a visual-token method: the tiny_vlm family its model is (inputs: image prompts)
+    # methods composed ahead of it in every apply (fresh each time), for a method that reads another stage's output
+    ahead: Callable[[], tuple] | None = None
 
 
 ALWAYS_FIRES_KV = ("a kv-cache method compresses at every prefill that runs through the attached decoder; the only "
@@ -237,6 +239,10 @@ CONTRACT: dict[str, Row] = {
     "visiondrop": Row(vlm("llava"), dict(layers=[1, 2]), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
                       variants={"previous": dict(params=dict(scores_from="previous"))}),
     "flowcut_llm": Row(vlm("llava"), dict(layer=1), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM),
+    # vflowopt_llm ranks by the tower scores vflowopt hands over (refused alone): vflowopt at keep_ratio=1.0 goes ahead,
+    # itself bit-identical to the model (its own row), so every promise here is the in-LLM stage's
+    "vflowopt_llm": Row(vlm("llava"), {}, keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
+                        ahead=lambda: (tr.get_method("vflowopt", keep_ratio=1.0, a=2.0),)),
     "sparsevlm": Row(vlm("llava"), dict(layers=[1, 2]), keep_ratio=0.6, vlm="llava", never_fires=ALWAYS_FIRES_VLM,
                      variants={"v2": dict(params=dict(version="v2"))}),
     # yopo: keep_ratio = K / L, K = round(keep_ratio L); 0.67 of 3 layers is K = 2 (every visual token deleted there)
@@ -315,6 +321,10 @@ class Case:
         if self.row.setup is not None:
             self.row.setup(m, model)
         return m
+
+    def attach(self, model, m):
+        """``tr.apply(model, m)``, the row's ``ahead`` methods composed before ``m``."""
+        return tr.apply(model, *(self.row.ahead() if self.row.ahead else ()), m)
 
 
 def case(case_id: str) -> Case:
@@ -534,13 +544,13 @@ def test_restored_exactly_after_an_exception(cid):
         ref = encoder_outputs(model(x)) if enc else {"logits": logits()}
         ref_tokens = None if enc else (vlm_greedy(model, inputs, NEW) if c.row.vlm else greedy(model, x, new=NEW))
         m = c.method(model)  # set-up (calibration) may run the model through its own apply first
-        with tr.apply(model, m) as h:
+        with c.attach(model, m) as h:
             ref_reduced = run()
         before = snapshot(model)
         # aborted in the middle of a forward: in the last block of the encoder, in the last decoder layer at the
         # prefill and at the first decoding step
         for call in ((1,) if enc else (1, 2)):
-            with pytest.raises(Boom), tr.apply(model, m):
+            with pytest.raises(Boom), c.attach(model, m):
                 hook = target.register_forward_hook(boom_at(call))
                 try:
                     run()
@@ -548,7 +558,7 @@ def test_restored_exactly_after_an_exception(cid):
                     hook.remove()
             assert_restored(model, before)
         # raised after forwards, the same attachment first going on after an aborted one
-        with pytest.raises(Boom), tr.apply(model, m) as h:
+        with pytest.raises(Boom), c.attach(model, m) as h:
             hook = target.register_forward_hook(boom_at(1))
             try:
                 with pytest.raises(Boom):
@@ -613,7 +623,7 @@ def test_never_fired_when_its_model_does_not_run(cid):
     m = c.method(inner)
     outer = Bystander(inner)
     before = snapshot(outer)
-    with torch.no_grad(), pytest.raises(tr.NeverFiredError), tr.apply(outer, m):
+    with torch.no_grad(), pytest.raises(tr.NeverFiredError), c.attach(outer, m):
         outer(torch.zeros(1, 4))
     assert_restored(outer, before)
 
@@ -785,7 +795,7 @@ def _vlm_identity(c: Case, model) -> None:
     with torch.no_grad():
         ref = model(**single).logits
         ref_one, ref_batch = vlm_greedy(model, single, NEW), vlm_greedy(model, batch, NEW)
-        with tr.apply(model, c.method(model, keep_ratio=1.0)):
+        with c.attach(model, c.method(model, keep_ratio=1.0)):
             out = model(**single).logits
             got_one, got_batch = vlm_greedy(model, single, NEW), vlm_greedy(model, batch, NEW)
     assert torch.equal(out, ref), "logits differ at keep_ratio=1.0"
@@ -794,7 +804,7 @@ def _vlm_identity(c: Case, model) -> None:
 
 def _vlm_batch(c: Case, model) -> None:
     batch = vlm_batch(model, c.row.vlm, VLM_TEXTS)
-    with torch.no_grad(), tr.apply(model, c.method(model)) as h:
+    with torch.no_grad(), c.attach(model, c.method(model)) as h:
         out = vlm_greedy(model, batch, NEW)
         assert reduced_visual(h), "the reducing configuration reduced nothing"
         singles = [vlm_greedy(model, one(batch, i), NEW)[0] for i in range(len(VLM_TEXTS))]
@@ -802,16 +812,14 @@ def _vlm_batch(c: Case, model) -> None:
         assert torch.equal(out[i], s), f"sample {i}: {out[i].tolist()} vs alone {s.tolist()}"
 
 
-def visual_stats(h):
-    """The first stage's stats that count visual tokens (a tower stage before it counts none)."""
-    return next(s for s in h.stats_by_stage.values() if hasattr(s, "visual_tokens"))
-
-
 def reduced_visual(h) -> bool:
-    s = visual_stats(h)
-    if hasattr(s, "kept_visual_tokens"):
-        return s.kept_visual_tokens < s.visual_tokens
-    return s.kept_visual_fraction < 1.0
+    """Whether a stage that counts visual tokens reduced them (a row's ``ahead`` stage may keep them all)."""
+    for s in h.stats_by_stage.values():
+        if hasattr(s, "kept_visual_tokens") and s.kept_visual_tokens < s.visual_tokens:
+            return True
+        if hasattr(s, "kept_visual_fraction") and s.kept_visual_fraction < 1.0:
+            return True
+    return False
 
 
 def _vlm_budget(c: Case) -> None:
@@ -821,7 +829,7 @@ def _vlm_budget(c: Case) -> None:
     model = c.model()
     r = c.row.keep_ratio
     batch = vlm_batch(model, c.row.vlm, VLM_TEXTS)
-    with torch.no_grad(), tr.apply(model, c.method(model)) as h:
+    with torch.no_grad(), c.attach(model, c.method(model)) as h:
         model(**batch)
         s = h.stats_by_stage[c.stage]  # the method's own stage (a pipeline's tower stage comes first)
     n = s.visual_tokens

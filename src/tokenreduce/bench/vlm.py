@@ -82,6 +82,7 @@ class VLMBenchConfig:
     seed: int = 0
     out: str | None = "results/vlm"
     method_params: dict = field(default_factory=dict)  # name -> extra get_method kwargs
+    calib: int = 32  # questions of the task's calibration split for methods that need calibration (DyMU)
     schedule: Any = None  # a `core.schedule.LayerSchedule`: each listed in-LLM method also runs it (one extra row each)
 
 
@@ -94,12 +95,12 @@ def in_llm_method_names() -> list[str]:
 
 
 def tower_method_names() -> list[str]:
-    """The registered vision-tower methods that set how many patch tokens leave the tower (``count_param``):
-    ``bench vlm`` gives them ``round(budget x visual tokens per image)``."""
-    from ..core.method import EncoderMethod
+    """The registered methods that reduce in the vision tower with a budget of the patch tokens left for the language
+    model (`Method.tokens_left_budget`: FlowCut, DyMU's DToMe, DyMU with virtual unmerging): ``bench vlm`` has them
+    leave ``round(budget x visual tokens per image)``."""
     from ..core.registry import registered
 
-    return sorted(n for n, cls in registered().items() if issubclass(cls, EncoderMethod) and cls.count_param)
+    return sorted(n for n, cls in registered().items() if cls.tokens_left_budget(1, 2) is not None)
 
 
 def vlm_method_names() -> list[str]:
@@ -110,25 +111,27 @@ def vlm_method_names() -> list[str]:
 
 def first_stage_method(name: str, fraction: float, per_image: int, params: dict | None = None):
     """A tower or connector method keeping ``fraction`` of each image's ``per_image`` visual tokens (a tower method:
-    its ``count_param`` set to the rounded count; a `BudgetError` if that is 0)."""
+    its `tokens_left_budget` for the rounded count, ``keep_ratio=1.0`` when that is all of them; a `BudgetError`
+    if it is 0)."""
     import tokenreduce
     from ..core.registry import registered
 
     extra = dict(params or {})
-    if name in tower_method_names():
+    if name in tower_method_names() and fraction < 1:
         count = round(fraction * per_image)
         if count < 1:
             raise BudgetError(f"{name} would keep {fraction:g} x {per_image} = {fraction * per_image:.2f} visual "
                               f"tokens per image, under 1; give a larger budget")
-        return tokenreduce.get_method(name, **{registered()[name].count_param: count}, **extra)
+        return tokenreduce.get_method(name, **registered()[name].tokens_left_budget(count, per_image), **extra)
     return tokenreduce.get_method(name, keep_ratio=fraction, **extra)
 
 
 def schedule_method_names() -> list[str]:
-    """The in-LLM methods that run any per-layer schedule (``--schedule``, `tokenreduce.search`)."""
+    """The in-LLM methods that run any per-layer schedule alone (``--schedule``, `tokenreduce.search`): not those that
+    rank by a connector method's scores (``needs_prior``: VFlowOpt's drops)."""
     from ..core.registry import registered
 
-    return [n for n in in_llm_method_names() if registered()[n].runs_schedules]
+    return [n for n in in_llm_method_names() if registered()[n].runs_schedules and not registered()[n].needs_prior]
 
 
 def check_schedule_methods(names: Sequence[str]) -> list[str]:
@@ -173,10 +176,11 @@ def check_methods(names: Sequence[str]) -> list[str]:
         raise StageError(f"no methods given; known visual-token methods: {known}")
     for pipe in (n for n in names if "+" in n):
         parts = pipe.split("+")
-        first_ok = stages.get(parts[0]) == "connector" or parts[0] in tower_method_names()
+        first_ok = stages.get(parts[0]) in ("connector", "encoder") and parts[0] in vlm_method_names()
         if len(parts) != 2 or not first_ok or parts[1] not in in_llm_method_names():
             raise StageError(f"pipeline {pipe!r}: write first+in_llm, e.g. visionzip+visiondrop (first: a tower "
-                             f"method, {', '.join(tower_method_names())}, or a connector method, "
+                             f"method, {', '.join(n for n in tower_method_names() if stages[n] == 'encoder')}, or a "
+                             "connector method, "
                              f"{', '.join(n for n in vlm_method_names() if stages[n] == 'connector')}; "
                              f"in-LLM: {', '.join(in_llm_method_names())})")
     for n in (n for n in names if "+" not in n):
@@ -319,7 +323,7 @@ class _VLMTask(Task):
                 run["tile_among"] = [s["tile"] in t for s, t in zip(batch, picked)]
                 run["tiles_chosen"] = [len(t) for t in picked]
         if "stats" in seen:
-            run.update(self._prefill_fields(seen["stats"]))
+            run.update(self._prefill_fields(seen["stats"], inputs))
             if unit.data == 0 and not self.large:  # pictures of one image per prompt
                 self._keep_picture(cell, batch, inputs, run)
         return run
@@ -327,10 +331,19 @@ class _VLMTask(Task):
     def _generate(self, inputs):
         return self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
 
-    def _prefill_fields(self, stages: dict) -> dict:
+    def _prefill_fields(self, stages: dict, inputs) -> dict:
         """The prefill's fields from its stages' stats; a pipeline (connector then in-LLM method): the in-LLM stage's
         tokens, plus the connector's planning FLOPs and its count of the prompt's visual tokens; a tower method: the
         tower's FLOPs (per image) and the visual tokens it left for the projector."""
+        if set(stages) == {"encoder"}:  # a tower method at keep_ratio=1.0: nothing reduced, no later stage attached
+            from ..assets.minillava import IMAGE_TOKEN_ID
+
+            visual = float((inputs["input_ids"] == IMAGE_TOKEN_ID).sum(-1).float().mean())
+            lm = self._lm_flops(inputs)
+            tower = stages["encoder"]
+            return {"lm_flops": lm, "lm_flops_full": lm, "scoring_flops": tower.scoring_flops, "kept_positions": None,
+                    "visual_tokens": visual, "visual_kept": visual, "projected": visual,
+                    "tower_flops": reduced_tower_flops(self.model, tower)}
         s = stages.get("decoder") or stages.get("connector") or next(iter(stages.values()))
         out = {"lm_flops": s.flops, "lm_flops_full": s.flops_full, "scoring_flops": s.scoring_flops,
                "kept_positions": getattr(s, "kept_positions", None), "visual_tokens": s.visual_tokens}
@@ -348,7 +361,7 @@ class _VLMTask(Task):
         tower = stages.get("encoder")
         if tower is not None:  # a tower method: its blocks' FLOPs, and the projector runs on what it left
             out["tower_flops"] = reduced_tower_flops(self.model, tower)
-            out["projected"] = first.kept_visual_tokens
+            out["projected"] = (first or s).kept_visual_tokens
             out["scoring_flops"] += tower.scoring_flops
         return out
 
@@ -610,6 +623,30 @@ def schedule_cells(model, names: Sequence[str], cfg: VLMBenchConfig) -> list[Cel
                  tokenreduce.get_method(n, schedule=schedule, **cfg.method_params.get(n, {}))) for n in names]
 
 
+def calibrate_cells(model, processor, grid: Grid, cfg: VLMBenchConfig, log: Callable[[str], None]) -> None:
+    """Calibrate every cell's methods that need it (DyMU's thresholds, for the budget each was built with) on
+    ``cfg.calib`` questions of the task's calibration split, never the held-out ones."""
+    import tokenreduce
+    from ..assets.vqa import samples
+
+    needing = [m for c in grid.cells for m in as_methods(c.obj) if type(m).needs_calibration]
+    if not needing:
+        return
+    if cfg.task == LARGE_SCENE:
+        from ..assets.large_scene import large_scene_prompt, large_scene_samples
+
+        data = large_scene_samples("calib", cfg.calib, cfg.seed)
+        prompt = lambda b: large_scene_prompt(processor, b, "multi")  # noqa: E731
+    else:
+        data = samples(cfg.task, "calib", cfg.calib, cfg.seed)
+        prompt = lambda b: processor(images=[s["image"] for s in b], text=[s["question"] for s in b])  # noqa: E731
+    batches = [dict(prompt(data[i:i + cfg.batch_size])) for i in range(0, len(data), cfg.batch_size)]
+    for m in needing:
+        t0 = time.perf_counter()
+        tokenreduce.calibrate(m, model, batches)
+        log(f"calibrated {m!r} on {len(data)} calibration questions in {time.perf_counter() - t0:.0f} s")
+
+
 def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None, log: Callable[[str], None] = print,
                   progress: bool = True) -> list[dict]:
     from ..assets.vqa import samples
@@ -637,6 +674,7 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
         grid = Grid(grid.cells + more.cells, grid.skipped + more.skipped)
     if cfg.schedule is not None:
         grid = Grid(grid.cells + schedule_cells(model, names, cfg), grid.skipped)
+    calibrate_cells(model, processor, grid, cfg, log)
     grid = check_attachable(model, grid, log=log)
     grid = Grid(grid.cells + [Cell(BLIND, 0.0, BLIND)] + ([Cell(FOCUS, 0.0, FOCUS)] if cfg.task == LARGE_SCENE
                                                            else []), grid.skipped)

@@ -101,6 +101,13 @@ class Method:
         """keep_ratio=1.0: by contract the method fires and reduces nothing, whatever its native schedule."""
         return self.budget is not None and self.budget.ratio == 1.0
 
+    @classmethod
+    def tokens_left_budget(cls, left: int, patches: int) -> dict | None:
+        """For a method that reduces in a VLM's vision tower: the keyword arguments (its native budget) that leave
+        ``left`` of an image's ``patches`` patch tokens for the language model (on average, for a calibrated one);
+        None if it has no such budget. `bench vlm` runs the tower methods that have one at its budgets."""
+        return None
+
 
 class EncoderMethod(Method):
     stage: ClassVar[str] = "encoder"
@@ -108,9 +115,6 @@ class EncoderMethod(Method):
     needs_cls: ClassVar[bool] = False
     runs_alone: ClassVar[bool] = False  # fixes a block's attention (an override): the only encoder method in its tower
     needs_grid: ClassVar[bool] = False  # needs the intact patch grid: reduces before every other method
-    # The parameter that sets how many patch tokens leave the tower (FlowCut's ``target_num``): in a VLM, the
-    # visual tokens the language model receives. `bench vlm` runs the tower methods that have one at its budgets.
-    count_param: ClassVar[str | None] = None
 
     def check(self, info: EncoderInfo) -> None:
         """Raise `StageError` if this method cannot serve the model described by ``info``."""
@@ -456,10 +460,17 @@ class ConnectorMethod(CountedMethod):
     needs_cls: ClassVar[bool] = False  # reads the tower's [CLS] attention (FasterVLM, VisionZip)
     needs_grid: ClassVar[bool] = False  # reads the raster grid (pooling)
     needs_attention_map: ClassVar[bool] = False  # reads the select layer's whole attention map (VFlowOpt)
+    gives_prior: ClassVar[bool] = False  # scores its output tokens (`prior`) for an in-LLM method that asks
     renumber: bool = False
 
     def plan(self, ctx: VisualContext) -> "Reduction":  # noqa: F821
         """A Reduction of batch 1 from the image's ``n`` tokens to at most ``ctx.budget`` tokens."""
+        raise NotImplementedError
+
+    def prior(self, ctx: VisualContext, plan: "Reduction") -> Tensor:  # noqa: F821
+        """(``gives_prior`` methods) A score of each of ``plan``'s output tokens [plan.num_out], float, higher = more
+        important: handed to an in-LLM method after this one that asks (``LayerDropMethod.needs_prior``,
+        `LayerContext.prior`), which may rank the tokens by it at its drop layers (VFlowOpt's tower map)."""
         raise NotImplementedError
 
     def scoring_flops(self, n: int, ctx: VisualContext) -> float:
@@ -486,6 +497,9 @@ class LayerContext:
     keys: Tensor | None  # [H_kv, n, Dh] the post-RoPE keys the attention rows were computed from
     rotary: tuple  # (cos, sin) [..., n, Dh]: the rotary embeddings of the rows' positions
     values: Tensor | None = None  # [H_kv, n, Dh] the value vectors, when the method asks (``needs_values``)
+    # [n] float: the connector method's score of each row (`ConnectorMethod.prior`), when the method asks
+    # (``needs_prior``); NaN at text rows. A row an earlier drop merged keeps the prior of the row whose place it took
+    prior: Tensor | None = None
 
 
 class LayerDropMethod(Method):
@@ -513,6 +527,9 @@ class LayerDropMethod(Method):
     scores_from: ClassVar[str] = "previous"
     attention_rows: ClassVar[str] = "last"  # "last" (the last prompt token's row), "all", or "none"
     needs_values: ClassVar[bool] = False  # hand the drop layer's value vectors to `plan` (LayerContext.values)
+    # hand the connector method's score of each row to `plan` (LayerContext.prior): refused at attach unless a connector
+    # method that gives one (``ConnectorMethod.gives_prior``, e.g. vflowopt) runs before it
+    needs_prior: ClassVar[bool] = False
     runs_schedules: ClassVar[bool] = True  # takes any per-layer ``schedule`` (False: YOPO, which ranks no tokens)
 
     def __init__(self, keep_ratio: float | None = None, schedule=None):

@@ -29,6 +29,7 @@ from . import (  # noqa: F401
     tome,
     tova,
     vflowopt,
+    vflowopt_llm,
     visiondrop,
     visionzip,
     visual_baselines,

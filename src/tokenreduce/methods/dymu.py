@@ -198,6 +198,11 @@ class DToMe(EncoderMethod):
             budget = super().describe()
         return budget + ("" if self.thresholds is not None else ", uncalibrated")
 
+    @classmethod
+    def tokens_left_budget(cls, left: int, patches: int) -> dict:
+        """``r_total`` = the merges that leave ``left`` tokens: the thresholds, calibrated for it, meet it on average."""
+        return {"r_total": patches - left}
+
     @property
     def calibrated(self) -> bool:
         return self.thresholds is not None

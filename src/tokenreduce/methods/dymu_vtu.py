@@ -94,6 +94,10 @@ class DyMUVTU(UnmergeMethod):
     def describe(self) -> str:
         return "tower=False" if self.tower is None else self.tower.describe()
 
+    @classmethod
+    def tokens_left_budget(cls, left: int, patches: int) -> dict:
+        return DToMe.tokens_left_budget(left, patches)  # its own tower's budget
+
     @property
     def reduces_nothing(self) -> bool:
         return self.tower is not None and self.tower.reduces_nothing

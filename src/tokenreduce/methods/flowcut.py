@@ -145,7 +145,6 @@ class FlowCut(EncoderMethod):
     arxiv = "2505.19536"
     signals = ("cls_attn", "values")
     needs_cls = True
-    count_param = "target_num"
 
     def __init__(self, target_num: int | None = None, keep_ratio: float | None = None):
         super().__init__(keep_ratio)
@@ -156,6 +155,10 @@ class FlowCut(EncoderMethod):
 
     def describe(self) -> str:
         return f"target_num={self.target_num}" if self.target_num is not None else super().describe()
+
+    @classmethod
+    def tokens_left_budget(cls, left: int, patches: int) -> dict:
+        return {"target_num": left}
 
     def start(self, info: EncoderInfo, num_tokens: int) -> None:
         self._layers = info.num_layers

@@ -18,8 +18,10 @@ reference block 25 of LLaVA-OneVision's SigLIP, whose 27th and last block it del
 5. Sort the visual tokens by ``s``; the lowest ones are *recycled*: grouped by the ``a x a`` cell of the patch
    grid they lie in (cell of the token at (row, col) = ``(floor(row / a), floor(col / a))``), each group becomes
    one token, the ``s``-weighted mean of its members. Every other token is kept as it is.
-6. (Not done here, see below.) At language-model layers 9 and 18 the visual tokens still present are pruned
-   again, the lowest by the same tower map ``s``, to the fractions the search found.
+6. (The in-LLM method `methods.vflowopt_llm`, composed after this one.) At language-model layers 9 and 18 the
+   visual tokens still present are pruned again, the lowest by the same tower map ``s``, to the fractions the search
+   found. This method hands ``s`` of each output token over (`prior`; a recycled token has its strongest member's
+   score, as in the reference).
 
 Budget (every connector method's meaning): ``keep_ratio`` keeps ``k = floor(keep_ratio * n)`` tokens per image
 (or ``keep_count``), recycled tokens included. The reference recycles its ``n - k`` lowest tokens plus
@@ -44,13 +46,11 @@ Differences from the reference code (sihany077/VFlowOpt at 129eeef: ``siglip_enc
 ``prepare_inputs_labels_for_multimodal``; ``modeling_qwen2.py`` ``forward_illava``; ``llava_ov_opt_all.py``
 ``generate_until``):
 
-* No language-model drops (step 6). The reference prunes again at LLM layers 9 and 18 with the tower's map
-  (handed over through an environment variable). Here the tower stage is a connector method and the drops would
-  be an in-LLM method ranking by the tower's scores. This was written while the runtime refused a connector
-  method followed by an in-LLM method; the pair now composes (`runtime.attach`), but an in-LLM method still sees
-  only the language model's own signals (`core.method.LayerContext` carries no connector-side score of the
-  tokens it holds), so the drops cannot rank by the tower's map. Only the tower stage is implemented, and
-  ``keep_ratio`` is the fraction of visual tokens kept in every layer.
+* The language-model drops (step 6) are a method of their own, `methods.vflowopt_llm`: the reference prunes
+  again at LLM layers 9 and 18 with the tower's map (handed over through an environment variable); here this
+  method gives each output token's score (``gives_prior``, `prior`), the connector hands the scores over with its
+  rewritten rows, and ``apply(model, vflowopt, vflowopt_llm)`` drops by them (see that module for its
+  differences). Alone, this method's ``keep_ratio`` is the fraction of visual tokens kept in every layer.
 * The importance map: ``alpha != 0`` is refused (no pixels at the connector).
 * When no token receives more than ``t`` times the mean (the reference then averages an empty set: NaN scores),
   the single most-attended token is the global set.
@@ -245,6 +245,7 @@ class VFlowOpt(ConnectorMethod):
     arxiv = "2508.05211"
     needs_cls = True
     needs_attention_map = True
+    gives_prior = True
 
     def __init__(self, keep_ratio: float | None = None, keep_count: int | None = None, t: float | None = None,
                  a: float | None = None, alpha: float | None = None, params_file: str | None = None,
@@ -307,6 +308,19 @@ class VFlowOpt(ConnectorMethod):
                              "tokens); use it on single-grid images (LLaVA-1.5 style) or use fastervlm / visionzip")
         dest, coef, m = recycle(self.scores(ctx), ctx.grid, ctx.budget, self.a)
         return Reduction(num_out=m, dest=dest[None], coef=coef[None])
+
+    def prior(self, ctx: VisualContext, plan: Reduction) -> Tensor:
+        """The tower map ``s`` of each output token of ``plan`` [num_out]: a kept token its own, a recycled token its
+        strongest member's (the reference writes the recycled token at that member's index and keeps that index's
+        score for the language-model drops)."""
+        score = self.scores(ctx).float()
+        out = torch.full((plan.num_out,), float("-inf"), dtype=torch.float32, device=score.device)
+        if plan.dest is not None:
+            dest = plan.dest[0].to(score.device)
+            mine = dest >= 0
+            return out.scatter_reduce(0, dest[mine], score[mine], reduce="amax")
+        members = plan.to_dense()[0].to(score.device) != 0  # [M, n]
+        return torch.where(members, score[None], out[:, None]).amax(-1)
 
     def scoring_flops(self, n: int, ctx: VisualContext) -> float:
         h, d = ctx.tower_keys.shape[0], ctx.tower_keys.shape[-1]

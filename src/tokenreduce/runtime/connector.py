@@ -21,6 +21,10 @@ Methods that read the tower's [CLS] attention (FasterVLM, VisionZip) get it from
 the attention call of the tower's select layer (the block whose output the projector reads):
 only the [CLS] row is computed from Q and K, the tower's own attention stays SDPA.
 
+A method that scores its output tokens (``gives_prior``: VFlowOpt's tower map, a recycled token its strongest
+member's score) hands the scores, one per rewritten row, to an in-LLM stage after it that asks for them
+(``wants_prior``, ``rewritten["prior"]``).
+
 A prompt without visual tokens (text only) passes unchanged and is counted in the stats
 (``no_visual_forwards``). Visual tokens in a forward that continues a cache are refused.
 """
@@ -169,7 +173,9 @@ class ConnectorAttachment:
         self.rewritten: dict | None = None  # the last rewrite's rows, for an in-LLM stage after this one
         self.lm_counted_later = False  # an in-LLM stage follows: it counts the language model's FLOPs and layers
         self.keeps_whole_cache = False  # set per prefill by a stage that fills the cache at the prompt's full length
+        self.wants_prior = False  # an in-LLM stage follows that ranks by the method's scores (``needs_prior``)
         self._tower_groups: list[Tensor | None] | None = None
+        self._prior: Tensor | None = None  # the last plan's score of each row [B, M] (NaN: text), if it gives one
         try:
             if method.needs_cls or tower is not None:
                 self._route_tower(parts)
@@ -307,8 +313,11 @@ class ConnectorAttachment:
         coef = torch.zeros(b, length, dtype=torch.float32)
         counts, planning = [], 0.0
         image = 0
+        gives = self.method.gives_prior and self.wants_prior
+        nan = float("nan")
+        priors: list[list[float]] = []  # per sample, the method's score of each slot (NaN: text), when it gives one
         for s_i, sample_runs in enumerate(runs):
-            slots: list[tuple[int, list[tuple[int, float]]]] = []  # (anchor, [(source, weight)])
+            slots: list[tuple[int, list[tuple[int, float]], float]] = []  # (anchor, [(source, weight)], prior)
             in_run = torch.zeros(length, dtype=torch.bool)
             for s, e in sample_runs:
                 in_run[s:e] = True
@@ -342,28 +351,45 @@ class ConnectorAttachment:
                 if red.batch != 1 or red.num_in != n or red.num_out > ctx.budget:
                     raise StageError(f"{self.method!r} planned a map of {red.num_in} -> {red.num_out} tokens for an "
                                      f"image of {n} tokens with a budget of {ctx.budget}")
+                prior = self._prior_of(ctx, red) if gives else None
                 d, c, a = red.dest[0].cpu(), red.coef[0].float().cpu(), red.anchors()[0].cpu()
                 for m in range(red.num_out):
                     if a[m] < 0:
                         continue
                     members = (d == m).nonzero().flatten().tolist()
-                    slots.append((s + int(positions[a[m]]), [(s + int(positions[j]), float(c[j])) for j in members]))
+                    slots.append((s + int(positions[a[m]]), [(s + int(positions[j]), float(c[j])) for j in members],
+                                  nan if prior is None else float(prior[m])))
             real = self._valid[s_i]
             for t in range(length):
                 if not in_run[t] and bool(real[t]):
-                    slots.append((t, [(t, 1.0)]))
+                    slots.append((t, [(t, 1.0)], nan))
             slots.sort(key=lambda x: x[0])
             counts.append(len(slots))
-            for slot, (_, members) in enumerate(slots):
+            priors.append([p for _, _, p in slots])
+            for slot, (_, members, _) in enumerate(slots):
                 for j, w in members:
                     dest[s_i, j] = slot
                     coef[s_i, j] = w
         width = max(counts)
         for s_i, count in enumerate(counts):  # left padding
             dest[s_i] = torch.where(dest[s_i] >= 0, dest[s_i] + width - count, -1)
+        self._prior = None
+        if gives:  # [B, M] aligned with the rewritten rows: NaN at text rows and padded slots
+            self._prior = torch.full((b, width), nan, dtype=torch.float32)
+            for s_i, row in enumerate(priors):
+                if row:
+                    self._prior[s_i, width - len(row):] = torch.tensor(row, dtype=torch.float32)
         self._origin = _origin(dest, unmerged)
         dev = embeds.device
         return Reduction(num_out=width, dest=dest.to(dev), coef=coef.to(dev)), [planning / max(b, 1)]
+
+    def _prior_of(self, ctx: VisualContext, red: Reduction) -> Tensor:
+        """The method's score of each output token of ``red`` [num_out] (`ConnectorMethod.prior`), checked."""
+        prior = self.method.prior(ctx, red)
+        if not isinstance(prior, Tensor) or prior.shape != (red.num_out,):
+            raise StageError(f"{self.method.name}: prior() must return one score per output token "
+                             f"[{red.num_out}]; got {getattr(prior, 'shape', prior)!r}")
+        return prior.detach().float().cpu()
 
     def _tower_rows(self, runs) -> list[tuple[Tensor, Tensor]] | None:
         """Per image, the [CLS] attention [H, n] and keys [H, n, D] of its visual tokens (in feature order)."""
@@ -427,7 +453,9 @@ class ConnectorAttachment:
         self.rewritten = {"visual": visual.gather(1, idx) & slot, "kept": kept,
                           # for a stage that unmerges (VTU): each prompt position's row (-1: padding or dropped), the
                           # caller's positions and padding
-                          "origin": self._origin.to(dev), "positions": pos, "valid": self._valid.to(dev)}
+                          "origin": self._origin.to(dev), "positions": pos, "valid": self._valid.to(dev),
+                          # the method's score of each row (`ConnectorMethod.prior`; NaN at text), when it gives one
+                          "prior": None if self._prior is None else self._prior.to(dev)}
         self._record(ids, visual, slot, red, planning, kept)
         return out
 

@@ -23,6 +23,11 @@ The language model's output covers the kept tokens only (``logits`` has the prun
 last position is still the prompt's last token, which ``generate`` reads). Samples of a batch
 keep their own counts and are left-padded. Models with sliding-window layers are refused.
 
+A method that ranks by the connector method's score of each token (``needs_prior``: VFlowOpt's language-model
+drops by its tower map) follows a connector method that gives one (``ConnectorMethod.gives_prior``; refused at
+attach otherwise): the connector hands the scores over with its rewritten rows, they follow the rows through every
+drop, and each plan receives its rows' (`LayerContext.prior`).
+
 A schedule fraction of exactly 0 deletes every visual token from that layer on (YOPO's layer skipping;
 the method is not asked to plan). A method may also edit attention on visual keys in the layers before
 its first drop (inactive visual heads, neighbour windows; `runtime.visual_heads`), with or without a
@@ -100,6 +105,7 @@ class _Run:
     scores: Tensor | None = None  # [B, H, r, L] softmax attention rows (r = 1: the last query's), for the next drop
     keys: Tensor | None = None  # [B, H_kv, L, Dh] the post-RoPE keys the rows came from
     values: Tensor | None = None  # [B, H_kv, L, Dh] the same layer's values (methods that ask: ``needs_values``)
+    prior: Tensor | None = None  # [B, L] float: the connector method's score of each row (``needs_prior``; NaN: text)
     tokens_per_layer: list[float] = field(default_factory=list)
     visual_per_layer: list[float] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
@@ -180,6 +186,17 @@ class InLLMAttachment:
         if method.attention_rows not in ("last", "all", "none"):
             raise StageError(f"{method.name}: attention_rows must be 'last', 'all' or 'none'; got {method.attention_rows!r}")
         self.scored = method.attention_rows != "none"
+        if method.needs_prior and not (after is not None and after.method.gives_prior):
+            from ..core.registry import registered
+
+            givers = sorted(n for n, c in registered().items() if getattr(c, "gives_prior", False))
+            example = givers[0] if givers else "<connector method>"
+            raise StageError(f"{method.name} ranks the visual tokens by the connector method's score of each of "
+                             f"them, and no connector method that scores its tokens runs before it"
+                             f"{f' ({after.method.name} does not)' if after is not None else ''}; compose one "
+                             f"(connector methods that do: {', '.join(givers) or 'none registered'}), e.g. "
+                             f"tokenreduce.apply(model, get_method({example!r}, keep_ratio=...), "
+                             f"get_method({method.name!r}))")
         if self.scored and method.scores_from == "own" and parts.family.positions != "1d":
             raise UnsupportedModelError(f"{method!r} scores with layer K's own projections and 1-D RoPE; this "
                                         f"{parts.family.name} model uses M-RoPE: pass scores_from='previous'")
@@ -218,6 +235,9 @@ class InLLMAttachment:
         if self.after is not None:
             self.after.lm_counted_later = True
             self._undo.append(lambda: setattr(self.after, "lm_counted_later", False))
+            if self.method.needs_prior:  # the connector scores its rows only for a stage that reads them
+                self.after.wants_prior = True
+                self._undo.append(lambda: setattr(self.after, "wants_prior", False))
 
     def _attach_edits(self, first: int) -> None:
         """The method's attention edits on visual keys in the layers before the first drop, if it names any."""
@@ -305,10 +325,11 @@ class InLLMAttachment:
             if rewritten is None:
                 return None  # a text-only prompt or a decoding step: the connector left the call as it was
             visual, self._prompt_kept = rewritten["visual"], rewritten["kept"]
+            prior = rewritten.get("prior") if self.method.needs_prior else None
             self._padding = rewritten["kept"] >= 0
             mask = self._padding
         else:
-            visual = self.parts.visual_mask(ids)
+            visual, prior = self.parts.visual_mask(ids), None
         past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if not bool(visual.any()):
             if not past and self.edits is not None:
@@ -331,10 +352,13 @@ class InLLMAttachment:
         pos = kw.get("position_ids")
         if pos is None:
             pos = torch.arange(n, device=ids.device)[None]
+        if self.method.needs_prior and (prior is None or prior.shape != (b, n)):
+            raise StageError(f"{self.method.name}: the connector handed over no score of its {n} rows (prior); "
+                             "nothing to rank the visual tokens by")
         self._run = _Run(index=torch.where(valid, torch.arange(n, device=ids.device)[None], -1), visual=visual,
                          positions=pos, embeddings=None, mask=None, length=n, visual_counts=visual.sum(-1),
                          cache=cache if isinstance(cache, Cache) else None, inputs=embeds,
-                         visual0=visual)
+                         visual0=visual, prior=prior)
         self._budgets = {k: self._count(frac, self._run.visual_counts) for k, frac in self.schedule}
         self.inputs.fired = True
         return None
@@ -435,7 +459,8 @@ class InLLMAttachment:
                 layer=i, hidden=hidden[s, present], visual=visual, attention=attention, budget=int(budgets[s]),
                 inputs=run.inputs[s, run.index[s, present]], visual_inputs=run.inputs[s, run.visual0[s]], rotary=(_row(cos, s, present), _row(sin, s, present)),
                 keys=None if run.keys is None else run.keys[s][:, present],
-                values=None if run.values is None else run.values[s][:, present]))
+                values=None if run.values is None else run.values[s][:, present],
+                prior=None if run.prior is None else run.prior[s, present]))
             vrows = present[visual]
             anchors = self._check_plan(plan, vrows.numel(), i)
             order = anchors.argsort()
@@ -449,6 +474,8 @@ class InLLMAttachment:
             idx[s, width - counts[s]:] = rows[s]
         run.index = torch.where(idx >= 0, _take(run.index, idx, 1), -1)
         run.visual = torch.where(idx >= 0, _take(run.visual.long(), idx, 1), 0).bool()
+        if run.prior is not None:  # each row keeps its own score (a merged row: its place's); padded slots NaN
+            run.prior = torch.where(idx >= 0, _take(run.prior, idx, 1), float("nan"))
         pos = run.positions
         run.positions = _take(pos, idx, 1)
         cos, sin = run.embeddings
