@@ -2,9 +2,10 @@
 
 For one task (``easyvqa`` or ``scenes``, `assets.vqa`, or ``largescene``, `assets.large_scene`: the
 coarse view then the G x G tiles of a big canvas, form "multi"; held-out split) and every (method,
-budget) cell — tower methods (FlowCut: ``round(budget x visual tokens per image)`` leave the tower),
-connector methods (FasterVLM, VisionZip, random, pooling), in-LLM methods (FastV, PyramidDrop) and
-pipelines ``first+in_llm`` — the same questions are answered by greedy ``generate`` (batches of
+budget) cell — tower methods (FlowCut, DyMU's DToMe alone or with virtual unmerging: they leave
+``round(budget x visual tokens per image)``; DyMU calibrated for each budget on the task's calibration
+split), connector methods (FasterVLM, VisionZip, random, pooling), in-LLM methods (FastV, PyramidDrop)
+and pipelines ``first+in_llm`` — the same questions are answered by greedy ``generate`` (batches of
 left-padded prompts) and scored by their first word. Every table has the full model's row
 (``method: "full"``) and the blind row (``"blind"``: the same questions without the image);
 ``largescene`` adds the oracle row ``"focus (oracle)"``: the full model on the coarse view and the
