@@ -2,7 +2,7 @@
 table (markdown), as in the README: `python tools/vlm_results_table.py`."""
 import json
 R = "benchmarks/results/"  # run from the repository root
-runs = {t: [f"vlm_{t}{tag}" for tag in ("", "_merge", "_pipelines", "_more", "_tower")] for t in ("easyvqa", "scenes")}
+runs = {t: [f"vlm_{t}{tag}" for tag in ("", "_merge", "_pipelines", "_more", "_tower", "_dymu_vflowopt")] for t in ("easyvqa", "scenes")}
 acc, ratio = {}, {}
 for task, dirs in runs.items():
     for d in dirs:
@@ -17,8 +17,8 @@ for task, dirs in runs.items():
             acc.setdefault(r["method"], {})[(task, r.get("budget"))] = (r["accuracy"], r["n"])
             ratio.setdefault(r["method"], {})[(task, r.get("budget"))] = r.get("flops_ratio")
 order = ["full", "blind", "fastervlm", "visionzip", "vflowopt", "visual_random", "visual_pool", "fastv", "pyramiddrop",
-         "sparsevlm", "visiondrop", "llavolta", "flowcut", "flowcut_llm", "yopo", "visionzip+visiondrop", "fastervlm+fastv",
-         "flowcut+flowcut_llm"]
+         "sparsevlm", "visiondrop", "llavolta", "flowcut", "dymu", "dymu_vtu", "flowcut_llm", "yopo", "visionzip+visiondrop",
+         "fastervlm+fastv", "flowcut+flowcut_llm", "vflowopt+vflowopt_llm"]
 cols = [(t, b) for t in ("easyvqa", "scenes") for b in (0.5, 0.25, 0.1)]
 print("| method | " + " | ".join(f"{'easy-vqa' if t == 'easyvqa' else t} {b}" for t, b in cols) + " |")
 print("|---|" + "---|" * len(cols))
