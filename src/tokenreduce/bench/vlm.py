@@ -221,6 +221,26 @@ def reduced_tower_flops(model, stats) -> float:
 
 
 # ---------------------------------------------------------------------------- the task
+def task_samples(task: str, split: str, n: int, seed: int) -> list[dict]:
+    """``n`` questions of the task's ``split`` (`assets.vqa`, or `assets.large_scene` for ``largescene``)."""
+    if task == LARGE_SCENE:
+        from ..assets.large_scene import large_scene_samples
+
+        return large_scene_samples(split, n, seed)
+    from ..assets.vqa import samples
+
+    return samples(task, split, n, seed)
+
+
+def task_prompt(processor, task: str, batch, form: str = "multi"):
+    """The model inputs of a batch of the task's samples (largescene: the ``form`` of `large_scene_prompt`)."""
+    if task == LARGE_SCENE:
+        from ..assets.large_scene import large_scene_prompt
+
+        return large_scene_prompt(processor, batch, form)
+    return processor(images=[s["image"] for s in batch], text=[s["question"] for s in batch])
+
+
 class _VLMTask(Task):
     bench = "vlm"
 
@@ -248,12 +268,7 @@ class _VLMTask(Task):
                                      unit="sample")
 
     def _prompt(self, batch, form: str = "multi"):
-        """The model inputs of a batch of samples (largescene: the ``form`` of `large_scene_prompt`)."""
-        if self.large:
-            from ..assets.large_scene import large_scene_prompt
-
-            return large_scene_prompt(self.processor, batch, form)
-        return self.processor(images=[s["image"] for s in batch], text=[s["question"] for s in batch])
+        return task_prompt(self.processor, self.cfg.task, batch, form)
 
     def _mean_visual(self, inputs: list) -> float:
         """Visual tokens per sample, averaged over every batch of ``inputs``."""
@@ -628,20 +643,13 @@ def calibrate_cells(model, processor, grid: Grid, cfg: VLMBenchConfig, log: Call
     """Calibrate every cell's methods that need it (DyMU's thresholds, for the budget each was built with) on
     ``cfg.calib`` questions of the task's calibration split, never the held-out ones."""
     import tokenreduce
-    from ..assets.vqa import samples
 
     needing = [m for c in grid.cells for m in as_methods(c.obj) if type(m).needs_calibration]
     if not needing:
         return
-    if cfg.task == LARGE_SCENE:
-        from ..assets.large_scene import large_scene_prompt, large_scene_samples
-
-        data = large_scene_samples("calib", cfg.calib, cfg.seed)
-        prompt = lambda b: large_scene_prompt(processor, b, "multi")  # noqa: E731
-    else:
-        data = samples(cfg.task, "calib", cfg.calib, cfg.seed)
-        prompt = lambda b: processor(images=[s["image"] for s in b], text=[s["question"] for s in b])  # noqa: E731
-    batches = [dict(prompt(data[i:i + cfg.batch_size])) for i in range(0, len(data), cfg.batch_size)]
+    data = task_samples(cfg.task, "calib", cfg.calib, cfg.seed)
+    batches = [dict(task_prompt(processor, cfg.task, data[i:i + cfg.batch_size]))
+               for i in range(0, len(data), cfg.batch_size)]
     for m in needing:
         t0 = time.perf_counter()
         tokenreduce.calibrate(m, model, batches)
@@ -650,8 +658,6 @@ def calibrate_cells(model, processor, grid: Grid, cfg: VLMBenchConfig, log: Call
 
 def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None, log: Callable[[str], None] = print,
                   progress: bool = True) -> list[dict]:
-    from ..assets.vqa import samples
-
     cfg = cfg or VLMBenchConfig()
     t_start = time.perf_counter()
     if cfg.task not in vlm_tasks():
@@ -679,12 +685,7 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
     grid = check_attachable(model, grid, log=log)
     grid = Grid(grid.cells + [Cell(BLIND, 0.0, BLIND)] + ([Cell(FOCUS, 0.0, FOCUS)] if cfg.task == LARGE_SCENE
                                                            else []), grid.skipped)
-    if cfg.task == LARGE_SCENE:
-        from ..assets.large_scene import large_scene_samples
-
-        data = large_scene_samples("test", cfg.n, cfg.seed)
-    else:
-        data = samples(cfg.task, "test", cfg.n, cfg.seed)
+    data = task_samples(cfg.task, "test", cfg.n, cfg.seed)
     task = _VLMTask(cfg, model, processor, data, log)
     task.skipped = grid.skipped
     common = {"model": cfg.model, "task": cfg.task, **environment("cpu", model)}
