@@ -87,3 +87,38 @@ def test_bench_vlm_param_errors_come_before_the_model_loads(capsys, monkeypatch)
             main(["bench", "vlm", *argv])
         assert e.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_bench_vlm_resumes_from_its_saved_results_with_the_rows_of_one_run(tmp_path, monkeypatch):
+    """Every (question, cell) result is saved as it finishes; a resumed run with the same arguments runs nothing
+    again and writes the rows an unsaved run gives (tile choices and per-layer counts read back from JSON)."""
+    from tiny_vlm import tiny_minillava
+
+    from tokenreduce.bench import vlm
+    from tokenreduce.bench.checkpoint import FILE
+    from tokenreduce.core.errors import BenchError
+
+    model, proc = tiny_minillava(image_size=56, vision_layers=4)
+
+    def cfg(**kw):
+        return vlm.VLMBenchConfig(**{"task": "largescene", "methods": ["coarse_to_fine", "visual_random"],
+                                     "budgets": [0.5], "n": 3, "batch_size": 2, "timing": False, "pictures": 0,
+                                     "out": str(tmp_path), "method_params": {"coarse_to_fine": {"k": 1}}, **kw})
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("timestamp", "run_s", "loadavg_start", "loadavg_end")}
+                for r in rows]
+
+    plain = vlm.run_vlm_bench(cfg(out=None), model=model, processor=proc, log=lambda s: None, progress=False)
+    vlm.run_vlm_bench(cfg(), model=model, processor=proc, log=lambda s: None, progress=False)
+    assert len((tmp_path / FILE).read_text().splitlines()) == 1 + 2 * 5  # 2 batches x (full, blind, focus, 2 cells)
+
+    def no_work(*args):
+        raise AssertionError("a saved result ran again")
+
+    monkeypatch.setattr(vlm._VLMTask, "run", no_work)
+    resumed = vlm.run_vlm_bench(cfg(resume=True), model=model, processor=proc, log=lambda s: None, progress=False)
+    assert strip(resumed) == strip(plain)
+    assert any("tile_accuracy" in r for r in resumed) and any("visual_per_layer" in r for r in resumed)
+    with pytest.raises(BenchError, match="n: 3 -> 4"):
+        vlm.run_vlm_bench(cfg(resume=True, n=4), model=model, processor=proc, log=lambda s: None, progress=False)

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--schedule", default=None, metavar="FILE",
                    help="a saved per-layer schedule (tokenreduce search-schedule): each listed in-LLM method also runs "
                         "it, one extra row each, labelled 'searched'")
+    s.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted run: every result is saved in OUT/runs.jsonl as it finishes, and "
+                        "with --resume (and the same task, --n, --seed, --batch-size) only the missing ones run")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(subparser=s)
 
@@ -327,7 +330,7 @@ def _bench_vlm(args, parser) -> int:
     cfg = VLMBenchConfig(model=args.model, task=args.task, methods=methods, budgets=budgets, n=args.n,
                          batch_size=args.batch_size, timing=not args.no_timing, timing_repeats=args.timing_repeats,
                          pictures=args.pictures, seed=args.seed, out=args.out, schedule=schedule,
-                         method_params=params)
+                         method_params=params, resume=args.resume)
     t0 = time.perf_counter()
     run_vlm_bench(cfg, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())

@@ -35,6 +35,7 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 import torch
 
 from ..core.errors import BudgetError, StageError, UnsupportedModelError
+from .checkpoint import Checkpoint, cell_id
 from .report import Column, markdown_table, to_jsonable, write_jsonl
 from .timing import Timing, measure_paired, measure_throughput
 
@@ -375,6 +376,11 @@ class Task:
     def warmup(self, unit: Unit, cells: Sequence[Cell]) -> None:
         """Runs once, before the first unit (untimed)."""
 
+    def fingerprint(self) -> dict | None:
+        """What makes two runs' results comparable (task, samples, model, ...), for `checkpoint.Checkpoint`;
+        None: the task's runs are not saved (they must then be JSON-ready dicts, and the same on reading back)."""
+        return None
+
     def run(self, group: Any, unit: Unit, cell: Cell) -> dict:
         """One cell (``cell.full``: the unreduced model) on one unit; its measurements."""
         raise NotImplementedError
@@ -395,18 +401,25 @@ class Task:
 
 
 def run_grid(task: Task, grid: Grid, out: str | Path | None, common: dict, progress: bool = True,
-             log: Callable[[str], None] = print, t_start: float | None = None) -> list[dict]:
+             log: Callable[[str], None] = print, t_start: float | None = None, resume: bool = False) -> list[dict]:
     """Run ``task`` over the full model + ``grid`` and return its rows; with ``out``, write the report files.
 
     Every row gets ``common`` (with `environment`), the ``bench`` name, a timestamp and, at the
     end, ``run_s``; rows go to ``out/results.jsonl`` as they finish and the file is rewritten at
     the end, after the header record (if the task has one). ``t_start``: ``time.perf_counter()``
-    when the run began (e.g. before the model loaded), for ``run_s``.
+    when the run began (e.g. before the model loaded), for ``run_s``. A task with a `Task.fingerprint`
+    saves every (unit, cell) result in ``out/runs.jsonl`` as it finishes; ``resume=True`` reads them back
+    and runs only the missing ones (`checkpoint`).
     """
     t_start = time.perf_counter() if t_start is None else t_start
     load_start = loadavg()
     out = Path(out) if out is not None else None
     jsonl = None
+    fingerprint = task.fingerprint() if out is not None else None
+    if resume and fingerprint is None:
+        raise ValueError(f"the {task.bench} bench cannot resume a run" if out is not None else
+                         "resuming needs the output folder that holds the saved results")
+    saved = Checkpoint(out, fingerprint, resume, log) if fingerprint is not None else None  # before files change
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         jsonl = out / "results.jsonl"
@@ -435,7 +448,12 @@ def run_grid(task: Task, grid: Grid, out: str | Path | None, common: dict, progr
                     task.warmup(unit, grid.cells)
                     first = False
                 for cell in cells:
-                    results.setdefault((unit.key, cell), []).append(task.run(group, unit, cell))
+                    run = saved.get(str(group), i, cell_id(cell)) if saved is not None else None
+                    if run is None:
+                        run = task.run(group, unit, cell)
+                        if saved is not None:
+                            run = saved.put(str(group), i, cell_id(cell), run)
+                    results.setdefault((unit.key, cell), []).append(run)
                     bar.update(1)
                     if last[unit.key] != i:
                         continue

@@ -85,6 +85,7 @@ class VLMBenchConfig:
     method_params: dict = field(default_factory=dict)  # name -> extra get_method kwargs
     calib: int = 32  # questions of the task's calibration split for methods that need calibration (DyMU)
     schedule: Any = None  # a `core.schedule.LayerSchedule`: each listed in-LLM method also runs it (one extra row each)
+    resume: bool = False  # go on with the results saved in out/runs.jsonl by an interrupted run with the same arguments
 
 
 def in_llm_method_names() -> list[str]:
@@ -283,6 +284,13 @@ class _VLMTask(Task):
     def groups(self):
         yield self.cfg.task, [Unit(self.cfg.task, i) for i in range(len(self.batches))]
 
+    def fingerprint(self) -> dict:
+        import transformers
+
+        c = self.cfg
+        return {"bench": "vlm", "model": c.model, "task": c.task, "n": c.n, "seed": c.seed, "batch_size": c.batch_size,
+                "calib": c.calib, "torch": torch.__version__, "transformers": transformers.__version__}
+
     def forward(self, cell: Cell):
         if cell.method == BLIND:
             return lambda: self._prefill(self.timing_blind, None)
@@ -342,6 +350,7 @@ class _VLMTask(Task):
             run.update(self._prefill_fields(seen["stats"], inputs))
             if unit.data == 0 and not self.large:  # pictures of one image per prompt
                 self._keep_picture(cell, batch, inputs, run)
+            run.pop("kept_positions", None)  # used by the pictures only; large, and not worth saving in the checkpoint
         return run
 
     def _generate(self, inputs):
@@ -689,4 +698,4 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
     task = _VLMTask(cfg, model, processor, data, log)
     task.skipped = grid.skipped
     common = {"model": cfg.model, "task": cfg.task, **environment("cpu", model)}
-    return run_grid(task, grid, cfg.out, common, progress=progress, log=log, t_start=t_start)
+    return run_grid(task, grid, cfg.out, common, progress=progress, log=log, t_start=t_start, resume=cfg.resume)

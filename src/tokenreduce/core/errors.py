@@ -41,6 +41,10 @@ class CalibrationError(TokenReduceError, RuntimeError):
     """A method that needs calibration was used before it was calibrated."""
 
 
+class BenchError(TokenReduceError, ValueError):
+    """A benchmark's saved files do not fit the run asked for (e.g. resuming another run's checkpoint)."""
+
+
 def require(module: str, extra: str | None = None):
     """Import an optional dependency or say exactly what to install."""
     import importlib
