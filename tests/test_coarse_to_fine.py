@@ -48,10 +48,10 @@ def alone(batch: dict, grids: list[int], i: int) -> dict:
             "pixel_values": batch["pixel_values"][start:start + 1 + grids[i] ** 2]}
 
 
-def own_row(model, inputs: dict, k: int) -> torch.Tensor:
+def own_row(model, inputs: dict, k: int, name: str = "llava") -> torch.Tensor:
     """Layer k's norm, Q/K projections and RoPE on its input; the last token's softmax row over every key (each query
-    head with its KV head) [H, n] — one unpadded prompt."""
-    eager = tiny_vlm("llava", attn="eager")
+    head with its KV head) [H, n] — one unpadded prompt, on the tiny ``name`` VLM."""
+    eager = tiny_vlm(name, attn="eager")
     with torch.no_grad():
         out = eager(**inputs, output_hidden_states=True)
         layer = eager.model.language_model.layers[k]
@@ -231,3 +231,111 @@ def test_bench_largescene_rows_and_tile_accuracy(tmp_path):
     assert 0 <= c2f["tile_accuracy"] <= c2f["tile_recall"] <= 1 and c2f["tiles_chosen"] >= 1
     assert "tile_accuracy" not in by["fastv"]
     assert "first tile = answer tile" in (tmp_path / "results.md").read_text()
+
+
+# ---------------------------------------------------------------------------- LLaVA-NeXT AnyRes: base view + crops
+# The tiny LLaVA-NeXT's tower sees 32 px images in 8 px patches: a 4 x 4 base view; crops from pinpoints 32x32, 32x64,
+# 64x32. Hand-written layouts (not read from the model), as transformers packs them: the base view's 16 tokens, then
+# the crops' raster, unpadded to the image's aspect ratio, a newline ending each row.
+ANYRES = {  # (height, width): (raster rows, raster columns, crop of each raster column / row)
+    (32, 64): (4, 8, lambda i, j: j // 4),  # a 1 x 2 grid, nothing unpadded
+    (40, 64): (4, 6, lambda i, j: (j + 1) // 4),  # 1 x 2, one column cut on each side: crop columns 1-3 | 4-6
+    (64, 40): (6, 4, lambda i, j: (i + 1) // 4),  # 2 x 1, one row cut at the top and the bottom
+}
+
+
+def anyres_prompt(sizes: list[tuple[int, int]], texts: list[tuple[int, int]], seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for (h, w), (a, b) in zip(sizes, texts):
+        rr, cc, _ = ANYRES[(h, w)]
+        count = 16 + rr * (cc + 1)
+        rows.append(torch.cat([torch.randint(2, VOCAB - 8, (a,), generator=g), torch.full((count,), IMAGE_ID),
+                               torch.randint(2, VOCAB - 8, (b,), generator=g)]))
+    n = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):], mask[i, n - len(r):] = r, 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(len(rows), 3, 3, 32, 32, generator=g),
+            "image_sizes": torch.tensor(sizes)}
+
+
+def anyres_reference(row: torch.Tensor, size: tuple[int, int], budget: int, select_ratio: float = 0.25):
+    """The paper's steps on one AnyRes prompt's row over its visual tokens [H, v]: the base view votes for the crop
+    under each of its tokens (the raster place at the same relative position), the base view, the newlines and the
+    chosen crops ranked by the row renormalised over them, the top ``budget`` kept."""
+    rr, cc, crop_at = ANYRES[size]
+    score = (row[:, :16] / row[:, :16].sum(-1, keepdim=True)).mean(0).tolist()
+    under = [crop_at(int((r + 0.5) * rr / 4), int((c + 0.5) * cc / 4)) for r in range(4) for c in range(4)]
+    voters = sorted(range(16), key=lambda i: (-score[i], i))[:max(1, int(select_ratio * 16))]
+    votes, mass = [0, 0], [0.0, 0.0]
+    for i in range(16):
+        votes[under[i]] += i in voters
+        mass[under[i]] += score[i]
+    tiles = sorted((t for t in range(2) if votes[t]), key=lambda t: (-votes[t], -mass[t], t))
+    crop_of = {16 + i * (cc + 1) + j: crop_at(i, j) for i in range(rr) for j in range(cc)}
+    pool = [p for p in range(row.shape[1]) if p < 16 or p not in crop_of or crop_of[p] in tiles]
+    sub = row[:, pool] / row[:, pool].sum(-1, keepdim=True)
+    s = sub.mean(0).tolist()
+    return tiles, [pool[i] for i in sorted(sorted(range(len(pool)), key=lambda i: (-s[i], i))[:budget])]
+
+
+def test_anyres_layout_is_the_models_packing():
+    """The layout read from LLaVA-NeXT's own pack_image_features equals the hand-written one, unpadding included."""
+    from tokenreduce.families.vlms import anyres_tiles, find_vlm
+
+    inner = find_vlm(tiny_vlm("llava_next")).inner
+    for size, (rr, cc, crop_at) in ANYRES.items():
+        t = anyres_tiles(inner, torch.tensor([size]))[0]
+        want = [0] * 16 + [x for i in range(rr) for x in [1 + crop_at(i, j) for j in range(cc)] + [-1]]
+        assert t.part.tolist() == want and t.side == 4 and tuple(t.raster.shape) == (rr, cc)
+        assert t.grid == ((1, 2) if size[1] > size[0] else (2, 1))
+        assert t.raster[1, 0] == 16 + cc + 1  # the second raster row starts after the first row's newline
+
+
+@pytest.mark.parametrize("size", list(ANYRES))
+def test_anyres_crops_and_kept_tokens_equal_a_plain_reference(size):
+    model = tiny_vlm("llava_next")
+    inputs = anyres_prompt([size], [(3, 6)])
+    visual = inputs["input_ids"][0] == IMAGE_ID
+    v = int(visual.sum())
+    budget = math.floor(v * 0.4 + 1e-9)
+    tiles, want = anyres_reference(own_row(model, inputs, 1, "llava_next")[:, visual], size, budget)
+    m = tr.get_method("coarse_to_fine", k=1, r=0.6)
+    with torch.no_grad(), tr.apply(model, m) as h:
+        model(**inputs)
+    assert m.choices[0]["tiles"] == tiles and m.choices[0]["grid"] == ((1, 2) if size[1] > size[0] else (2, 1))
+    assert kept_visual(h.stats, inputs, 1) == want and len(want) == budget
+
+
+def test_anyres_padded_batch_of_two_aspect_ratios_under_generate_equals_one_at_a_time():
+    model = tiny_vlm("llava_next")
+    sizes = [(40, 64), (64, 40)]
+    batch = anyres_prompt(sizes, [(2, 5), (4, 3)], seed=1)
+    m = tr.get_method("coarse_to_fine", k=1, r=0.5)
+    with torch.no_grad(), tr.apply(model, m):
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, -4:]
+        both = list(m.choices[:2])
+        for i in range(2):
+            keep = batch["attention_mask"][i].bool()
+            single = {"input_ids": batch["input_ids"][i:i + 1, keep], "attention_mask": batch["attention_mask"][i:i + 1, keep],
+                      "pixel_values": batch["pixel_values"][i:i + 1], "image_sizes": batch["image_sizes"][i:i + 1]}
+            m.choices.clear()
+            alone_out = model.generate(**single, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, -4:]
+            assert torch.equal(out[i], alone_out) and m.choices[0]["tiles"] == both[i]["tiles"]
+
+
+def test_anyres_refuses_a_grid_and_two_images():
+    model = tiny_vlm("llava_next")
+    with torch.no_grad(), tr.apply(model, tr.get_method("coarse_to_fine", k=1, r=0.5, grid=2)):
+        with pytest.raises(tr.StageError, match="packs its own crops"):
+            model(**anyres_prompt([(32, 64)], [(3, 6)]))
+    two = anyres_prompt([(32, 64)], [(3, 6)])  # the same image twice in one prompt, text between
+    image = torch.full((52,), IMAGE_ID)
+    two["input_ids"] = torch.cat([torch.tensor([5, 6]), image, torch.tensor([7]), image, torch.tensor([8, 9])])[None]
+    two["attention_mask"] = torch.ones_like(two["input_ids"])
+    two["pixel_values"], two["image_sizes"] = two["pixel_values"].repeat(2, 1, 1, 1, 1), two["image_sizes"].repeat(2, 1)
+    with torch.no_grad(), tr.apply(model, tr.get_method("coarse_to_fine", k=1, r=0.5)):
+        with pytest.raises(tr.StageError, match="holds 2 AnyRes images"):
+            model(**two)

@@ -259,7 +259,8 @@ def family_methods(name: str):
     own = "previous" if mrope else "own"
     return [("visual_random", {}), ("fastv", dict(k=1)), ("pyramiddrop", dict(layers=[1, 2], scores_from=own)),
             ("llavolta", dict(layer=1)), ("visiondrop", dict(layers=[1, 2], scores_from=own)),
-            ("coarse_to_fine", dict(k=1, grid=1, scores_from=own)),
+            # one image per prompt: a coarse view + one tile (grid=1), or LLaVA-NeXT's own base view + crops
+            ("coarse_to_fine", dict(k=1, grid=None if name == "llava_next" else 1, scores_from=own)),
             ("sparsevlm", dict(layers=[1, 2])), ("sparsevlm", dict(layers=[1, 2], version="v2")),
             ("flowcut_llm", dict(layer=1)), ("yopo", {})]
 

@@ -478,6 +478,24 @@ class ConnectorMethod(CountedMethod):
         return 0.0
 
 
+@dataclass(frozen=True)
+class ImageTiles:
+    """How one image's visual tokens tile it, when the model shows a big image as a base view plus crops
+    (LLaVA-NeXT's AnyRes): the base (coarse) view's tokens first, a ``side x side`` raster of the whole image,
+    then the crops' tokens packed as one raster of the image (unpadded, rows across crops, a layout token
+    such as a newline ending each row).
+
+    ``part`` [tokens] long: 0 = a base-view token, k >= 1 = a token of crop k (row-major over ``grid``),
+    -1 = a layout token; ``raster`` [H, W] long: the image's token index at each position of the crops'
+    raster (which covers the whole image, as the base view does).
+    """
+
+    part: Tensor
+    side: int
+    grid: tuple[int, int]
+    raster: Tensor
+
+
 @dataclass
 class LayerContext:
     """One sample's tokens where a drop layer of the language model starts, as an in-LLM method plans them.
@@ -500,6 +518,9 @@ class LayerContext:
     # [n] float: the connector method's score of each row (`ConnectorMethod.prior`), when the method asks
     # (``needs_prior``); NaN at text rows. A row an earlier drop merged keeps the prior of the row whose place it took
     prior: Tensor | None = None
+    # the sample's images as base view + crops (`ImageTiles`, in prompt order), when the method asks (``needs_tiles``),
+    # the model packs its images that way (LLaVA-NeXT) and every visual token is still present; else None
+    tiles: list | None = None
 
 
 class LayerDropMethod(Method):
@@ -530,6 +551,7 @@ class LayerDropMethod(Method):
     # hand the connector method's score of each row to `plan` (LayerContext.prior): refused at attach unless a connector
     # method that gives one (``ConnectorMethod.gives_prior``, e.g. vflowopt) runs before it
     needs_prior: ClassVar[bool] = False
+    needs_tiles: ClassVar[bool] = False  # hand a base-view + crops image layout to `plan` (LayerContext.tiles)
     runs_schedules: ClassVar[bool] = True  # takes any per-layer ``schedule`` (False: YOPO, which ranks no tokens)
 
     def __init__(self, keep_ratio: float | None = None, schedule=None):

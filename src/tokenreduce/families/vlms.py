@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import UnsupportedModelError
+from ..core.method import ImageTiles
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,14 @@ class VLMFamily:
     # select layer) can hand the language model fewer visual tokens. Families that reshape the patch grid after
     # the tower (LLaVA-NeXT's unpadding and newlines, LLaVA-OneVision's, Gemma 3's pooling) cannot.
     tower_reduction: bool = False
+    # Each image is a base view then crops, packed by the inner model's ``pack_image_features`` (LLaVA-NeXT's AnyRes:
+    # unpadded, a newline ending each row): `anyres_tiles` reads the layout from that very function.
+    anyres: bool = False
 
 
 LLAVA = VLMFamily("llava", ("LlavaModel",), "language_model", "vision_tower", tower_reduction=True)
-LLAVA_NEXT = VLMFamily("llava_next", ("LlavaNextModel",), "language_model", "vision_tower")  # spans include newlines
+LLAVA_NEXT = VLMFamily("llava_next", ("LlavaNextModel",), "language_model", "vision_tower",
+                       anyres=True)  # spans include newlines
 LLAVA_ONEVISION = VLMFamily("llava_onevision", ("LlavaOnevisionModel",), "language_model", "vision_tower",
                             token_ids=("image_token_id", "video_token_id"), cls_tower=False)  # SigLIP tower
 QWEN2_VL = VLMFamily("qwen2_vl", ("Qwen2VLModel",), "language_model", "visual",
@@ -94,3 +99,26 @@ def require_vlm(model: nn.Module, who: str) -> VLMParts:
         raise UnsupportedModelError(f"{who} reduces visual tokens, but {type(model).__name__} is {what}; supported: "
                                     f"{SUPPORTED_VLMS}")
     return parts
+
+
+def anyres_tiles(inner: nn.Module, image_sizes: Tensor) -> list[ImageTiles]:
+    """Per image (``image_sizes`` [images, 2] (height, width), as the VLM was called): where its base view, crops and
+    newlines sit among its visual tokens (`core.method.ImageTiles`). Read by running the inner model's own
+    ``pack_image_features`` on token numbers instead of features, so the layout is the model's, unpadding included."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    config, vision = inner.config, inner.config.vision_config
+    side = vision.image_size // vision.patch_size
+    out = []
+    for size in image_sizes.tolist():
+        gh, gw = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)
+        numbers = torch.arange((1 + gh * gw) * side * side, dtype=torch.float64).view(1 + gh * gw, side * side, 1)
+        packed, _ = inner.pack_image_features([numbers], torch.tensor([size]), config.vision_feature_select_strategy,
+                                              image_newline=torch.full((1,), -1.0, dtype=torch.float64))
+        number = packed[0][:, 0].round().long()
+        part = torch.where(number < 0, -1, number // (side * side))
+        rows = int((part == -1).sum())
+        width = (number.numel() - side * side) // max(rows, 1) - 1  # each raster row ends with its newline
+        raster = side * side + torch.arange(rows)[:, None] * (width + 1) + torch.arange(width)[None]
+        out.append(ImageTiles(part=part, side=side, grid=(gh, gw), raster=raster))
+    return out

@@ -23,14 +23,20 @@ order, every image its own run of visual tokens — one drop layer ``K`` of the 
    the earlier token). When they are fewer than the budget all of them stay (the kept count is then
    below the schedule's; the stats count what was kept).
 
-Layout: ``grid=None`` reads the images from the prompt — each maximal run of visual tokens (images
+Layout, two kinds. **LLaVA-NeXT's AnyRes** (the model tiles a big image itself): the base view is the coarse view
+and the crops are the tiles, read from the model's own packing (`families.vlms.anyres_tiles`: unpadding and the
+row-ending newlines included); the crop under a base token is the one at the same relative place of the crops'
+raster (both span the whole image), grids need not be square (1 x 2, 3 x 1, ...), newline tokens stay in the
+pruning pool (they belong to no crop), and one AnyRes image per prompt is required. **Separate images** (the
+large-scene prompt on LLaVA): ``grid=None`` reads the images from the prompt — each maximal run of visual tokens (images
 separated by text, as the large-scene prompt's ``<image>\\n<image>\\n...``) is one image; there must be
 ``1 + G * G`` runs for some ``G >= 1``. ``grid=G`` splits each sample's visual tokens into ``1 + G * G``
 images of equal size in prompt order (coarse first), for prompts whose images touch. For ``G >= 2``
 the coarse view's token count must be a square (its raster). Anything else raises `StageError`.
 
 The selected tiles of every sample are appended to ``choices`` (one dict per sample and prefill:
-``grid``, ``tiles`` ranked, ``votes`` per tile, ``kept``); clear it between batches to read them.
+``grid`` (G, or AnyRes's ``(rows, columns)``), ``tiles`` ranked (row-major, 0-based), ``votes`` per tile, ``kept``);
+clear it between batches to read them.
 
 Budget: ``k`` (default 2) and ``r`` (the fraction of visual tokens dropped at ``k``; default 0.5) natively,
 or ``keep_ratio`` = the fraction of visual tokens kept averaged over the language model's layers, which
@@ -51,6 +57,9 @@ Differences:
   ours saves language-model compute from layer ``K`` on (layers ``>= K`` and their cache see the kept
   tokens only), *not* the tower on the unselected tiles and not layers ``< K``; the reference saves
   both but pays for its RFM passes.
+* AnyRes. The reference builds its own pyramid of crops (``pyramid_crop``) around a LLaVA-style model; on
+  LLaVA-NeXT ours takes the model's own AnyRes crops as the finer level and its base image as the coarse one,
+  so nothing about the model's input changes.
 * Levels. The reference's pyramid has a global thumbnail (always kept whole) and levels from coarse to
   fine; its released code selects tiles once (level 0 -> level 1) and prunes at level 1. With two levels
   our coarse view is both the thumbnail and the scored level.
@@ -74,6 +83,7 @@ Differences:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -109,6 +119,18 @@ def renormalised(rows: Tensor, columns: Tensor) -> Tensor:
     return (a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)).mean(0)
 
 
+class _Tiles(NamedTuple):
+    """A sample's layout over its visual tokens: the coarse view's (a ``side x side`` raster), each token's tile
+    (``member``: >= 0 a tile, -1 the coarse view, -2 a layout token that always stays in the pool), the tile under
+    each coarse token, the number of tiles and the grid as recorded in ``choices``."""
+
+    coarse: Tensor
+    member: Tensor
+    under: Tensor
+    tiles: int
+    grid: object
+
+
 @register
 class CoarseToFine(LayerDropMethod):
     name = "coarse_to_fine"
@@ -117,6 +139,7 @@ class CoarseToFine(LayerDropMethod):
     arxiv = "2503.07588"
     scores_from = "own"
     attention_rows = "last"
+    needs_tiles = True  # LLaVA-NeXT's AnyRes images: the base view and crops from the model's own packing
 
     def __init__(self, keep_ratio: float | None = None, k: int | None = None, r: float | None = None,
                  grid: int | None = None, select_ratio: float = 0.25, max_tiles: int | None = None,
@@ -153,7 +176,18 @@ class CoarseToFine(LayerDropMethod):
         return one_drop(self.name, info.num_layers, self.k, None if self.budget is None else self.budget.ratio, self.r)
 
     # ------------------------------------------------------------------ layout
-    def layout(self, visual: Tensor) -> tuple[int, list[int]]:
+    def layout(self, ctx: LayerContext) -> _Tiles:
+        """The sample's coarse view and tiles: from the model's AnyRes packing (``ctx.tiles``: a base view then crops),
+        else from the prompt (coarse view first, then ``G * G`` tile images, as runs of visual tokens or ``grid``)."""
+        if ctx.tiles is not None:
+            return self._anyres(ctx.tiles)
+        g, sizes = self.runs_layout(ctx.visual)
+        t = sizes[0]
+        member = torch.repeat_interleave(torch.arange(-1, g * g), torch.tensor(sizes))
+        under = tile_of_coarse(math.isqrt(t), g) if g > 1 else torch.zeros(t, dtype=torch.long)
+        return _Tiles(torch.arange(t), member, under, g * g, g)
+
+    def runs_layout(self, visual: Tensor) -> tuple[int, list[int]]:
         """``(G, sizes)``: the sample's images in prompt order (coarse first, then ``G * G`` tiles), as token counts."""
         v = int(visual.sum())
         if self.grid is not None:
@@ -176,29 +210,43 @@ class CoarseToFine(LayerDropMethod):
                              "found under its tokens only on a square grid")
         return g, sizes
 
+    def _anyres(self, images: list) -> _Tiles:
+        """One AnyRes image: the base view is the coarse view, the crops are the tiles, newlines stay in the pool;
+        the crop under a base token is the one at the same place of the crops' raster (both span the whole image)."""
+        if len(images) != 1:
+            raise StageError(f"{self.name}: picks the crops of one big image, but the prompt holds {len(images)} "
+                             "AnyRes images; give one image per prompt")
+        img = images[0]
+        if self.grid is not None:
+            raise StageError(f"{self.name}: grid={self.grid} describes a prompt of separate tile images, but this model "
+                             f"packs its own crops ({img.grid[0]} x {img.grid[1]}); leave grid=None")
+        s, (h, w) = img.side, img.raster.shape
+        r, c = torch.arange(s * s) // s, torch.arange(s * s) % s
+        at = img.raster[((r + 0.5) * h / s).long(), ((c + 0.5) * w / s).long()]
+        member = torch.where(img.part > 0, img.part - 1, torch.where(img.part == 0, -1, -2))
+        return _Tiles((img.part == 0).nonzero().flatten(), member, img.part[at] - 1, img.grid[0] * img.grid[1],
+                      img.grid)
+
     # ------------------------------------------------------------------ the algorithm
     def plan(self, ctx: LayerContext) -> Reduction:
-        g, sizes = self.layout(ctx.visual)
-        v = sum(sizes)
+        lay = self.layout(ctx)
         dev = ctx.hidden.device
+        v = int(ctx.visual.sum())
         rows = ctx.attention[:, -1][:, ctx.visual].float()  # [H, v]: the last prompt token's softmax row
-        starts = torch.tensor([0, *sizes[:-1]], device=dev).cumsum(0).tolist()
-        t = sizes[0]
-        coarse = torch.arange(t, device=dev)
+        coarse, member, under = lay.coarse.to(dev), lay.member.to(dev), lay.under.to(dev)
         # 1-2: the coarse view's tokens vote for the tiles under them
         score = renormalised(rows, coarse)
-        voters = score.sort(descending=True, stable=True).indices[: max(1, int(self.select_ratio * t))]
-        under = tile_of_coarse(math.isqrt(t), g).to(dev) if g > 1 else torch.zeros(t, dtype=torch.long, device=dev)
-        votes = torch.bincount(under[voters], minlength=g * g)
-        mass = torch.zeros(g * g, device=dev).index_add_(0, under, score)
-        ranked = sorted((i for i in range(g * g) if votes[i] > 0), key=lambda i: (-int(votes[i]), -float(mass[i]), i))
+        voters = score.sort(descending=True, stable=True).indices[: max(1, int(self.select_ratio * coarse.numel()))]
+        votes = torch.bincount(under[voters], minlength=lay.tiles)
+        mass = torch.zeros(lay.tiles, device=dev).index_add_(0, under, score)
+        ranked = sorted((i for i in range(lay.tiles) if votes[i] > 0), key=lambda i: (-int(votes[i]), -float(mass[i]), i))
         chosen = ranked[: self.max_tiles] if self.max_tiles is not None else ranked
-        # 3-4: the coarse view and the chosen tiles, pruned by the same row
-        pool = torch.cat([coarse, *[torch.arange(starts[1 + i], starts[1 + i] + sizes[1 + i], device=dev)
-                                    for i in sorted(chosen)]])
+        # 3-4: the coarse view (and layout tokens) with the chosen tiles, pruned by the same row
+        pool = (member < 0) | torch.isin(member, torch.tensor(chosen, dtype=torch.long, device=dev))
+        pool = pool.nonzero().flatten()
         order = renormalised(rows, pool).sort(descending=True, stable=True).indices[: ctx.budget]
         keep = pool[order].sort().values
-        self.choices.append({"grid": g, "tiles": chosen, "votes": votes.tolist(), "kept": int(keep.numel())})
+        self.choices.append({"grid": lay.grid, "tiles": chosen, "votes": votes.tolist(), "kept": int(keep.numel())})
         return Reduction.keep(keep[None], v)
 
     def scoring_flops(self, length: int, info: DecoderInfo) -> float:

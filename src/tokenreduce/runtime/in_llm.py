@@ -106,6 +106,7 @@ class _Run:
     keys: Tensor | None = None  # [B, H_kv, L, Dh] the post-RoPE keys the rows came from
     values: Tensor | None = None  # [B, H_kv, L, Dh] the same layer's values (methods that ask: ``needs_values``)
     prior: Tensor | None = None  # [B, L] float: the connector method's score of each row (``needs_prior``; NaN: text)
+    tiles: list | None = None  # per sample, its images' `ImageTiles` (``needs_tiles`` on an AnyRes model), or None
     tokens_per_layer: list[float] = field(default_factory=list)
     visual_per_layer: list[float] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
@@ -358,10 +359,30 @@ class InLLMAttachment:
         self._run = _Run(index=torch.where(valid, torch.arange(n, device=ids.device)[None], -1), visual=visual,
                          positions=pos, embeddings=None, mask=None, length=n, visual_counts=visual.sum(-1),
                          cache=cache if isinstance(cache, Cache) else None, inputs=embeds,
-                         visual0=visual, prior=prior)
+                         visual0=visual, prior=prior, tiles=self._tiles(visual))
         self._budgets = {k: self._count(frac, self._run.visual_counts) for k, frac in self.schedule}
         self.inputs.fired = True
         return None
+
+    def _tiles(self, visual: Tensor) -> list | None:
+        """Per sample, its images' base-view + crops layouts (`families.vlms.anyres_tiles`), for a method that asks, on
+        a model that packs images so, when the prompt's visual tokens are the images' own (no connector stage before);
+        None when they cannot be matched (the method's own layout check then explains)."""
+        sizes = self.inputs.take_image_sizes()
+        if not (self.method.needs_tiles and self.parts.family.anyres and self.after is None and sizes is not None):
+            return None
+        from ..families.vlms import anyres_tiles
+
+        images, out = anyres_tiles(self.parts.inner, sizes), []
+        for count in visual.sum(-1).tolist():
+            mine, total = [], 0
+            while total < count and images:
+                mine.append(images.pop(0))
+                total += mine[-1].part.numel()
+            if total != count:
+                return None
+            out.append(mine)
+        return out if not images else None
 
     @staticmethod
     def _count(frac: float, counts: Tensor) -> Tensor:
@@ -460,7 +481,8 @@ class InLLMAttachment:
                 inputs=run.inputs[s, run.index[s, present]], visual_inputs=run.inputs[s, run.visual0[s]], rotary=(_row(cos, s, present), _row(sin, s, present)),
                 keys=None if run.keys is None else run.keys[s][:, present],
                 values=None if run.values is None else run.values[s][:, present],
-                prior=None if run.prior is None else run.prior[s, present]))
+                prior=None if run.prior is None else run.prior[s, present],
+                tiles=run.tiles[s] if run.tiles is not None and int(visual.sum()) == int(run.visual_counts[s]) else None))
             vrows = present[visual]
             anchors = self._check_plan(plan, vrows.numel(), i)
             order = anchors.argsort()
