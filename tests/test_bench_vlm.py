@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import tokenreduce
@@ -61,6 +63,46 @@ def test_bench_vlm_runs_a_tower_method_and_counts_the_tower_it_saved(tmp_path):
     assert by[("dymu", 1.0)]["accuracy"] == full["accuracy"] and by[("dymu", 1.0)]["visual_kept"] == 16
     assert dymu["visual_kept"] < 16 and dymu["kv_bytes_per_sample"] < full["kv_bytes_per_sample"]
     assert vtu["visual_kept"] < 16 and vtu["kv_bytes_per_sample"] == full["kv_bytes_per_sample"]
+
+
+def test_bench_vlm_saves_calibrations_and_a_resumed_run_reloads_them(tmp_path, monkeypatch):
+    """DyMU's thresholds are saved with the run; a resumed run loads them (no calibration runs) and writes the same
+    rows; a fresh run calibrates again; resuming a different run is refused before calibrating."""
+    from tiny_vlm import tiny_minillava
+
+    from tokenreduce.bench import vlm
+    from tokenreduce.bench.checkpoint import CalibrationStore
+    from tokenreduce.core.errors import BenchError
+
+    model, proc = tiny_minillava(image_size=56, vision_layers=4)
+
+    def cfg(**kw):
+        return vlm.VLMBenchConfig(**{"task": "easyvqa", "methods": ["dymu", "dymu_vtu"], "budgets": [0.5], "n": 2,
+                                     "batch_size": 2, "timing": False, "pictures": 0, "out": str(tmp_path), "calib": 2,
+                                     **kw})
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("timestamp", "run_s", "loadavg_start", "loadavg_end")}
+                for r in rows]
+
+    logs: list[str] = []
+    first = vlm.run_vlm_bench(cfg(), model=model, processor=proc, log=logs.append, progress=False)
+    assert sum("calibrated" in line for line in logs) == 2
+    saved = json.loads((tmp_path / CalibrationStore.FILE).read_text())
+    assert len(saved["states"]) == 2 and saved["fingerprint"]["calib"] == 2
+
+    calls = []
+    real = tokenreduce.calibrate
+    monkeypatch.setattr(tokenreduce, "calibrate", lambda *a, **k: calls.append(a) or real(*a, **k))
+    logs.clear()
+    resumed = vlm.run_vlm_bench(cfg(resume=True), model=model, processor=proc, log=logs.append, progress=False)
+    assert calls == [] and sum("loaded the calibration" in line for line in logs) == 2
+    assert strip(resumed) == strip(first)
+    vlm.run_vlm_bench(cfg(), model=model, processor=proc, log=lambda s: None, progress=False)
+    assert len(calls) == 2  # without --resume nothing saved is reused
+    with pytest.raises(BenchError, match="calib: 2 -> 3"):
+        vlm.run_vlm_bench(cfg(resume=True, calib=3), model=model, processor=proc, log=lambda s: None, progress=False)
+    assert len(calls) == 2
 
 
 def test_method_params_are_parsed_and_checked_against_the_listed_methods():

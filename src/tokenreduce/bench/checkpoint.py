@@ -10,6 +10,10 @@ different runs are never mixed.
 The file's first line is ``{"record": "checkpoint", "fingerprint": {...}}``; every other line is
 ``{"group", "unit", "cell", "run"}``, with ``cell`` from `cell_id` (the method's label, budget and
 ``describe()``, so the same name with other parameters is another cell).
+
+A method's calibration (DyMU's thresholds) is part of the run too: `CalibrationStore` keeps each
+calibrated state in ``out/calibration.json`` under the same fingerprint, so a resumed run reloads it
+instead of calibrating again (minutes per budget on a CPU).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Checkpoint:
     def __init__(self, folder: str | Path, fingerprint: Mapping[str, Any], resume: bool,
                  log: Callable[[str], None] = print):
         self.path = Path(folder) / FILE
-        self.fingerprint = json.loads(json.dumps(to_jsonable(dict(fingerprint))))  # as it reads back
+        self.fingerprint = _as_read_back(fingerprint)
         self.done: dict[tuple[str, int, str], dict] = {}
         if resume and self.path.exists():
             self._load()
@@ -53,16 +57,7 @@ class Checkpoint:
 
     def _load(self) -> None:
         lines = self.path.read_text().splitlines()
-        head = json.loads(lines[0]) if lines else {}
-        if head.get("record") != "checkpoint":
-            raise BenchError(f"{self.path} is not a benchmark checkpoint (no header line); move it away or choose "
-                             "another output folder")
-        if head.get("fingerprint") != self.fingerprint:
-            old, new = head.get("fingerprint", {}), self.fingerprint
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                             if old.get(k) != new.get(k))
-            raise BenchError(f"{self.path} holds the results of a different run ({diff}); resume it with the same "
-                             "arguments, or choose another output folder (or drop --resume to start afresh)")
+        head = _check_header(self.path, lines[0] if lines else "{}", self.fingerprint)
         for n, line in enumerate(lines[1:], 2):
             try:
                 rec = json.loads(line)
@@ -86,3 +81,58 @@ class Checkpoint:
         with self.path.open("a") as f:
             f.write(json.dumps({"group": group, "unit": unit, "cell": cell, "run": run}) + "\n")
         return run
+
+
+def check_resumable(folder: str | Path, fingerprint: Mapping[str, Any]) -> None:
+    """Refuse to resume a different run, before any work (loading, calibrating): the checks `Checkpoint` makes."""
+    path = Path(folder) / FILE
+    if path.exists():
+        with path.open() as f:
+            _check_header(path, f.readline(), _as_read_back(fingerprint))
+
+
+def _check_header(path: Path, first_line: str, fingerprint: dict) -> dict:
+    head = json.loads(first_line or "{}")
+    if head.get("record") != "checkpoint":
+        raise BenchError(f"{path} is not a benchmark checkpoint (no header line); move it away or choose "
+                         "another output folder")
+    if head.get("fingerprint") != fingerprint:
+        old, new = head.get("fingerprint", {}), fingerprint
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                         if old.get(k) != new.get(k))
+        raise BenchError(f"{path} holds the results of a different run ({diff}); resume it with the same "
+                         "arguments, or choose another output folder (or drop --resume to start afresh)")
+    return head
+
+
+def _as_read_back(fingerprint: Mapping[str, Any]) -> dict:
+    return json.loads(json.dumps(to_jsonable(dict(fingerprint))))
+
+
+class CalibrationStore:
+    """Calibrated method states of a run in ``folder/calibration.json``, keyed by the method before calibration
+    (``name(describe())``); ``resume=True`` reads those saved under the same fingerprint, else the file starts
+    afresh (a state never crosses into a run with other data or versions)."""
+
+    FILE = "calibration.json"
+
+    def __init__(self, folder: str | Path, fingerprint: Mapping[str, Any], resume: bool):
+        self.path = Path(folder) / self.FILE
+        self.fingerprint = _as_read_back(fingerprint)
+        self.states: dict[str, dict] = {}
+        if resume and self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved.get("fingerprint") == self.fingerprint:
+                self.states = saved.get("states", {})
+
+    @staticmethod
+    def key(method) -> str:
+        return f"{method.name}({method.describe()})"
+
+    def get(self, key: str) -> dict | None:
+        return self.states.get(key)
+
+    def put(self, key: str, state: dict) -> None:
+        self.states[key] = json.loads(json.dumps(to_jsonable(state)))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"fingerprint": self.fingerprint, "states": self.states}, indent=1) + "\n")

@@ -34,6 +34,7 @@ import torch
 from ..core.errors import BudgetError, StageError
 from ..core.stats import vit_attention_flops, vit_mlp_flops
 from ..runtime.prefill_filter import decoder_layer_flops
+from .checkpoint import CalibrationStore, check_resumable
 from .report import Column
 from .runner import (
     as_methods,
@@ -285,11 +286,7 @@ class _VLMTask(Task):
         yield self.cfg.task, [Unit(self.cfg.task, i) for i in range(len(self.batches))]
 
     def fingerprint(self) -> dict:
-        import transformers
-
-        c = self.cfg
-        return {"bench": "vlm", "model": c.model, "task": c.task, "n": c.n, "seed": c.seed, "batch_size": c.batch_size,
-                "calib": c.calib, "torch": torch.__version__, "transformers": transformers.__version__}
+        return run_fingerprint(self.cfg)
 
     def forward(self, cell: Cell):
         if cell.method == BLIND:
@@ -648,21 +645,42 @@ def schedule_cells(model, names: Sequence[str], cfg: VLMBenchConfig) -> list[Cel
                  tokenreduce.get_method(n, schedule=schedule, **cfg.method_params.get(n, {}))) for n in names]
 
 
+def run_fingerprint(cfg: VLMBenchConfig) -> dict:
+    """What makes two runs' saved results (and calibrations) interchangeable, for `checkpoint`."""
+    import transformers
+
+    c = cfg
+    return {"bench": "vlm", "model": c.model, "task": c.task, "n": c.n, "seed": c.seed, "batch_size": c.batch_size,
+            "calib": c.calib, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def calibrate_cells(model, processor, grid: Grid, cfg: VLMBenchConfig, log: Callable[[str], None]) -> None:
     """Calibrate every cell's methods that need it (DyMU's thresholds, for the budget each was built with) on
-    ``cfg.calib`` questions of the task's calibration split, never the held-out ones."""
+    ``cfg.calib`` questions of the task's calibration split, never the held-out ones. With ``cfg.out`` each state
+    is saved (`checkpoint.CalibrationStore`), and a resumed run loads it instead of calibrating again."""
     import tokenreduce
 
     needing = [m for c in grid.cells for m in as_methods(c.obj) if type(m).needs_calibration]
     if not needing:
         return
-    data = task_samples(cfg.task, "calib", cfg.calib, cfg.seed)
-    batches = [dict(task_prompt(processor, cfg.task, data[i:i + cfg.batch_size]))
-               for i in range(0, len(data), cfg.batch_size)]
+    store = CalibrationStore(cfg.out, run_fingerprint(cfg), cfg.resume) if cfg.out is not None else None
+    batches = None
     for m in needing:
+        key = CalibrationStore.key(m)
+        state = store.get(key) if store is not None else None
+        if state is not None:
+            m.load_state_dict(state)
+            log(f"loaded the calibration of {m!r} saved in {store.path}")
+            continue
+        if batches is None:
+            data = task_samples(cfg.task, "calib", cfg.calib, cfg.seed)
+            batches = [dict(task_prompt(processor, cfg.task, data[i:i + cfg.batch_size]))
+                       for i in range(0, len(data), cfg.batch_size)]
         t0 = time.perf_counter()
         tokenreduce.calibrate(m, model, batches)
         log(f"calibrated {m!r} on {len(data)} calibration questions in {time.perf_counter() - t0:.0f} s")
+        if store is not None:
+            store.put(key, m.state_dict())
 
 
 def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None, log: Callable[[str], None] = print,
@@ -677,6 +695,8 @@ def run_vlm_bench(cfg: VLMBenchConfig | None = None, model=None, processor=None,
         check_schedule_methods(names)
     if cfg.model != "minillava":
         raise StageError(f"unknown VLM {cfg.model!r}; the bundled one is 'minillava'")
+    if cfg.resume and cfg.out is not None:
+        check_resumable(cfg.out, run_fingerprint(cfg))  # a different run is refused before loading or calibrating
     pipes = [n for n in names if "+" in n]
     towers = [n for n in names if n in tower_method_names()]
     grid = build_grid([n for n in names if "+" not in n and n not in towers], budgets, skip_bad_budgets=True, log=log,
