@@ -1,37 +1,73 @@
 """Collect the `bench vlm` results.jsonl files under benchmarks/results/ into one method x (task, budget) accuracy
-table (markdown), as in the README: `python tools/vlm_results_table.py`."""
+table (markdown), as in the README: `python tools/vlm_results_table.py [--task easyvqa,scenes] [--flops]`.
+
+`--flops` adds each cell's analytic FLOPs ratio to the full model (tower, projector and language model) in
+brackets, so rows can be read at equal cost. A cell is "—" where the run skipped it (the method's stages cannot
+reach that budget) and "not run" where no run of that task has the method."""
+import argparse
 import json
+
 R = "benchmarks/results/"  # run from the repository root
-runs = {t: [f"vlm_{t}{tag}" for tag in ("", "_merge", "_pipelines", "_more", "_tower", "_dymu_vflowopt")] for t in ("easyvqa", "scenes")}
-acc, ratio = {}, {}
-for task, dirs in runs.items():
-    for d in dirs:
-        try:
-            lines = open(R + d + "/results.jsonl").read().splitlines()
-        except FileNotFoundError:
-            continue
-        for l in lines:
-            r = json.loads(l)
-            if r.get("record") == "header" or "method" not in r:
+RUNS = {t: [f"vlm_{t}{tag}" for tag in ("", "_merge", "_pipelines", "_more", "_tower", "_dymu_vflowopt")]
+        for t in ("easyvqa", "scenes")}
+RUNS["largescene"] = ["vlm_largescene_500", "vlm_largescene_500_more"]
+# results.jsonl names a method, not its parameters: a run with non-default ones gets its own row here
+RENAME = {("vlm_largescene_500_more", "coarse_to_fine"): "coarse_to_fine (k=4)"}
+ORDER = ["full", "blind", "focus (oracle)", "fastervlm", "visionzip", "vflowopt", "visual_random", "visual_pool",
+         "fastv", "pyramiddrop", "sparsevlm", "visiondrop", "llavolta", "flowcut", "dymu", "dymu_vtu", "flowcut_llm",
+         "yopo", "coarse_to_fine", "coarse_to_fine (k=4)", "visionzip+visiondrop", "fastervlm+fastv",
+         "flowcut+flowcut_llm", "vflowopt+vflowopt_llm"]
+UNBUDGETED = ("full", "blind", "focus (oracle)")
+NAMES = {"easyvqa": "easy-vqa", "largescene": "large-scene"}
+
+
+def collect(tasks):
+    """{method: {(task, budget): (accuracy, n, flops_ratio)}} over every run folder of the tasks."""
+    cells = {}
+    for task in tasks:
+        for d in RUNS[task]:
+            try:
+                lines = open(R + d + "/results.jsonl").read().splitlines()
+            except FileNotFoundError:
                 continue
-            acc.setdefault(r["method"], {})[(task, r.get("budget"))] = (r["accuracy"], r["n"])
-            ratio.setdefault(r["method"], {})[(task, r.get("budget"))] = r.get("flops_ratio")
-order = ["full", "blind", "fastervlm", "visionzip", "vflowopt", "visual_random", "visual_pool", "fastv", "pyramiddrop",
-         "sparsevlm", "visiondrop", "llavolta", "flowcut", "dymu", "dymu_vtu", "flowcut_llm", "yopo", "visionzip+visiondrop",
-         "fastervlm+fastv", "flowcut+flowcut_llm", "vflowopt+vflowopt_llm"]
-cols = [(t, b) for t in ("easyvqa", "scenes") for b in (0.5, 0.25, 0.1)]
-print("| method | " + " | ".join(f"{'easy-vqa' if t == 'easyvqa' else t} {b}" for t, b in cols) + " |")
-print("|---|" + "---|" * len(cols))
-for m in order:
-    if m not in acc:
-        continue
-    cells = []
-    for t, b in cols:
-        v = acc[m].get((t, None if m in ("full", "blind") else b))
-        if m in ("full", "blind") and b != 0.5:
-            cells.append("")
-        else:
-            ran = any(task == t for task, _ in acc[m])  # "—": skipped (budget out of reach); "not run": no run
-            cells.append(("—" if ran else "not run") if v is None else
-                         f"{v[0]:.3f}" + ("" if v[1] >= 500 else f" (n={v[1]})"))
-    print(f"| {m} | " + " | ".join(cells) + " |")
+            for line in lines:
+                r = json.loads(line)
+                if r.get("record") == "header" or "method" not in r:
+                    continue
+                name = RENAME.get((d, r["method"]), r["method"])
+                cells.setdefault(name, {})[(task, r.get("budget"))] = (r["accuracy"], r["n"], r.get("flops_ratio"))
+    return cells
+
+
+def table(tasks, flops=False):
+    cells = collect(tasks)
+    cols = [(t, b) for t in tasks for b in (0.5, 0.25, 0.1)]
+    out = ["| method | " + " | ".join(f"{NAMES.get(t, t)} {b}" for t, b in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in ORDER + sorted(set(cells) - set(ORDER)):
+        if m not in cells:
+            continue
+        row = []
+        for t, b in cols:
+            if m in UNBUDGETED and b != 0.5:
+                row.append("")
+                continue
+            v = cells[m].get((t, None if m in UNBUDGETED else b))
+            if v is None:
+                row.append("—" if any(task == t for task, _ in cells[m]) else "not run")
+                continue
+            text = f"{v[0]:.3f}" + ("" if v[1] >= 500 else f" (n={v[1]})")
+            row.append(text + (f" [{v[2]:.3f}]" if flops and v[2] is not None else ""))
+        out.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="easyvqa,scenes", help="comma-separated: easyvqa, scenes, largescene")
+    ap.add_argument("--flops", action="store_true", help="add each cell's analytic FLOPs ratio in brackets")
+    args = ap.parse_args()
+    tasks = args.task.split(",")
+    unknown = [t for t in tasks if t not in RUNS]
+    if unknown:
+        ap.error(f"unknown task(s) {unknown}; choose from {sorted(RUNS)}")
+    print(table(tasks, args.flops))
