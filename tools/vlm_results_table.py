@@ -11,8 +11,8 @@ R = "benchmarks/results/"  # run from the repository root
 RUNS = {t: [f"vlm_{t}{tag}" for tag in ("", "_merge", "_pipelines", "_more", "_tower", "_dymu_vflowopt")]
         for t in ("easyvqa", "scenes")}
 RUNS["largescene"] = ["vlm_largescene_500", "vlm_largescene_500_more"]
-# results.jsonl names a method, not its parameters: a run with non-default ones gets its own row here
-RENAME = {("vlm_largescene_500_more", "coarse_to_fine"): "coarse_to_fine (k=4)"}
+# a run with other than the method's default parameters (each row's "params") gets its own row
+VARIANTS = {("coarse_to_fine", "k=4"): "coarse_to_fine (k=4)"}
 ORDER = ["full", "blind", "focus (oracle)", "fastervlm", "visionzip", "vflowopt", "visual_random", "visual_pool",
          "fastv", "pyramiddrop", "sparsevlm", "visiondrop", "llavolta", "flowcut", "dymu", "dymu_vtu", "flowcut_llm",
          "yopo", "coarse_to_fine", "coarse_to_fine (k=4)", "visionzip+visiondrop", "fastervlm+fastv",
@@ -34,7 +34,8 @@ def collect(tasks):
                 r = json.loads(line)
                 if r.get("record") == "header" or "method" not in r:
                     continue
-                name = RENAME.get((d, r["method"]), r["method"])
+                params = r.get("params", "").split(", ")
+                name = next((v for (m, p), v in VARIANTS.items() if m == r["method"] and p in params), r["method"])
                 cells.setdefault(name, {})[(task, r.get("budget"))] = (r["accuracy"], r["n"], r.get("flops_ratio"))
     return cells
 
