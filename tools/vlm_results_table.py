@@ -34,7 +34,7 @@ def collect(tasks):
                 r = json.loads(line)
                 if r.get("record") == "header" or "method" not in r:
                     continue
-                params = r.get("params", "").split(", ")
+                params = (r.get("params") or "").split(", ")
                 name = next((v for (m, p), v in VARIANTS.items() if m == r["method"] and p in params), r["method"])
                 cells.setdefault(name, {})[(task, r.get("budget"))] = (r["accuracy"], r["n"], r.get("flops_ratio"))
     return cells
