@@ -5,7 +5,8 @@ table (markdown), as in the README: `python tools/vlm_results_table.py [--task e
 brackets, so rows can be read at equal cost. A cell is "—" where the run skipped it (the method's stages cannot
 reach that budget) and "not run" where no run of that task has the method."""
 import argparse
-import json
+
+from tokenreduce.bench.report import read_jsonl
 
 R = "benchmarks/results/"  # run from the repository root
 RUNS = {t: [f"vlm_{t}{tag}" for tag in ("", "_merge", "_pipelines", "_more", "_tower", "_dymu_vflowopt")]
@@ -27,11 +28,10 @@ def collect(tasks):
     for task in tasks:
         for d in RUNS[task]:
             try:
-                lines = open(R + d + "/results.jsonl").read().splitlines()
+                rows = read_jsonl(R + d + "/results.jsonl")
             except FileNotFoundError:
                 continue
-            for line in lines:
-                r = json.loads(line)
+            for r in rows:
                 if r.get("record") == "header" or "method" not in r:
                     continue
                 params = (r.get("params") or "").split(", ")
